@@ -1,0 +1,1 @@
+"""The coordinator: pure core, Postgres store, asyncio runtime, aiohttp transport and the CLI."""

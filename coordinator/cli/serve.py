@@ -1,0 +1,236 @@
+"""`testfleet serve`: the coordinator process, on the embedded Postgres unless given a database URL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from coordinator.runtime.coordinator import RuntimeSettings
+from coordinator.transport.app import build_app
+from coordinator.transport.rpc import Tokens
+
+log = structlog.get_logger("testfleet.serve")
+
+
+class ServeSettings(msgspec.Struct, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 7878
+    data_dir: str = ""
+    database_url: str | None = None
+    client_token: str | None = None
+    worker_token: str | None = None
+    viewer_token: str | None = None
+    insecure: bool = False
+    slave_grace_sec: float = 15.0
+    heartbeat_sec: float = 10.0
+    output_limit_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+
+
+def default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/testfleet"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "testfleet")
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"TESTFLEET_{name}", default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def opt(flag: str, var: str, help_: str, **kw: object) -> None:
+        parser.add_argument(flag, help=f"{help_} (env TESTFLEET_{var})", **kw)  # type: ignore[arg-type]
+
+    opt("--host", "HOST", "address to listen on; 127.0.0.1 by default", default=env("HOST", "127.0.0.1"))
+    opt("--port", "PORT", "port to listen on; 0 picks a free one", type=int, default=int(env("PORT", "7878") or 7878))
+    opt("--data-dir", "DATA_DIR", "where the embedded Postgres and bundles live", default=env("DATA_DIR"))
+    opt(
+        "--database-url",
+        "DATABASE_URL",
+        "a Postgres URL instead of the embedded server (DATABASE_URL is read too)",
+        default=env("DATABASE_URL") or os.environ.get("DATABASE_URL"),
+    )
+    opt("--client-token", "CLIENT_TOKEN", "token of the client (CI) role", default=env("CLIENT_TOKEN"))
+    opt("--worker-token", "WORKER_TOKEN", "token of the worker role", default=env("WORKER_TOKEN"))
+    opt("--viewer-token", "VIEWER_TOKEN", "token of the viewer role", default=env("VIEWER_TOKEN"))
+    opt(
+        "--insecure",
+        "INSECURE",
+        "listen on a public address even with open roles",
+        action="store_true",
+        default=(env("INSECURE", "") or "").lower() in ("1", "true", "yes"),
+    )
+    opt(
+        "--slave-grace-sec",
+        "SLAVE_GRACE_SEC",
+        "seconds a disconnected slave has to re-bind",
+        type=float,
+        default=float(env("SLAVE_GRACE_SEC", "15") or 15),
+    )
+    opt(
+        "--heartbeat-sec",
+        "HEARTBEAT_SEC",
+        "a worker missing 3 heartbeats of this period is dropped",
+        type=float,
+        default=float(env("HEARTBEAT_SEC", "10") or 10),
+    )
+    opt("--log-level", "LOG_LEVEL", "debug, info, warning or error", default=env("LOG_LEVEL", "info"))
+
+
+def settings_from(args: argparse.Namespace) -> ServeSettings:
+    return ServeSettings(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir or default_data_dir(),
+        database_url=args.database_url,
+        client_token=args.client_token,
+        worker_token=args.worker_token,
+        viewer_token=args.viewer_token,
+        insecure=args.insecure,
+        slave_grace_sec=args.slave_grace_sec,
+        heartbeat_sec=args.heartbeat_sec,
+        log_level=args.log_level,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "127.0.0.1", "::1"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def configure_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=False) if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+async def serve(settings: ServeSettings, ready: Callable[[str], None] | None = None) -> int:
+    """Run until SIGTERM or SIGINT; 0 on a clean stop."""
+    from coordinator.store.migrate import migrate
+    from coordinator.store.pool import create_pool
+    from coordinator.store.store import Store
+
+    data_dir = Path(settings.data_dir)
+    await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+    embedded = None
+    dsn = settings.database_url
+    if dsn is None:
+        from coordinator.store.embedded import EmbeddedPostgres
+
+        embedded = EmbeddedPostgres()
+        dsn = await asyncio.to_thread(embedded.start, data_dir / "postgres")
+    try:
+        pool = await create_pool(dsn)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+            store = Store(pool)
+            app = build_app(
+                store,
+                tokens=Tokens(settings.viewer_token, settings.client_token, settings.worker_token),
+                bundle_dir=data_dir / "bundles",
+                settings=RuntimeSettings(
+                    slave_grace_s=settings.slave_grace_sec,
+                    heartbeat_s=settings.heartbeat_sec,
+                    output_limit=settings.output_limit_bytes,
+                ),
+            )
+            runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+            await runner.setup()
+            site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+            await site.start()
+            port = settings.port
+            sockets = getattr(site._server, "sockets", None)
+            if sockets:
+                port = sockets[0].getsockname()[1]
+            url = f"http://{settings.host}:{port}"
+            log.info("coordinator_listening", url=url, embedded=embedded is not None)
+            print(f"testfleet coordinator listening on {url}", file=sys.stderr, flush=True)
+            if ready is not None:
+                ready(url)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
+            try:
+                await stop.wait()
+            finally:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(signum)
+                log.info("coordinator_stopping")
+                await runner.cleanup()
+        finally:
+            await pool.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+    if not is_loopback(settings.host) and not settings.insecure:
+        open_roles = [r for r, t in (("client", settings.client_token), ("worker", settings.worker_token)) if not t]
+        if open_roles:
+            print(
+                f"testfleet serve: refusing to listen on {settings.host} while the {' and '.join(open_roles)} "
+                "role(s) have no token; set --client-token and --worker-token, or pass --insecure",
+                file=sys.stderr,
+            )
+            return 2
+    if (
+        settings.database_url is None
+        and Path(settings.data_dir).resolve().is_relative_to("/root")
+        and os.geteuid() == 0
+    ):
+        print(
+            f"testfleet serve: the data directory {settings.data_dir} is under /root; the embedded Postgres "
+            "cannot run there as root. Pick another --data-dir.",
+            file=sys.stderr,
+        )
+        return 2
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return int(uvloop.run(serve(settings)))
+    return asyncio.run(serve(settings))
+
+
+def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    add_arguments(parser)
+    return run

@@ -1,0 +1,1 @@
+"""Pure, synchronous, clock-free domain logic: statuses, verdicts, queue order, leases, dispatch."""

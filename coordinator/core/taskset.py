@@ -1,0 +1,594 @@
+"""One taskset's state and every decision about it, as plain synchronous functions returning effects."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
+
+from coordinator.core.errors import Conflict, InvalidArgument, SlaveNotFound, TrialNotFound, WorkerLogNotFound
+from coordinator.core.states import ACTIVE, DISPATCHED, FINISHED, Verdict, decide_task, taskset_verdict, transition
+from protocol.messages import (
+    DequeuedTask,
+    Notification,
+    SlaveCreated,
+    SlaveUpdated,
+    TasksetUpdated,
+    TaskUpdated,
+    TrialCreated,
+    TrialUpdated,
+    WorkerLogCreated,
+    WorkerLogUpdated,
+)
+from protocol.types import (
+    SlaveHash,
+    SlaveRef,
+    SlaveStatus,
+    TaskHash,
+    TaskRef,
+    TasksetHash,
+    TasksetRef,
+    TasksetStatus,
+    TaskStatus,
+    TrialRef,
+    TrialStatus,
+    WorkerLogHash,
+    WorkerLogRef,
+    format_timestamp,
+    maybe_timestamp,
+)
+
+DEFAULT_OUTPUT_LIMIT: Final = 4 * 1024 * 1024
+WORKER_LOG_TIMES: Final = ("rsync_finished_at", "setup_finished_at", "rspec_finished_at", "finished_at")
+
+
+def truncate_output(text: str, limit: int = DEFAULT_OUTPUT_LIMIT) -> str:
+    """`text` cut to `limit` UTF-8 bytes, the rest replaced by a line saying how much was cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    kept = data[:limit].decode("utf-8", "ignore")
+    return f"{kept}\n[testfleet: {len(data) - len(kept.encode())} bytes truncated]\n"
+
+
+class Write(NamedTuple):
+    """One named store statement and its arguments."""
+
+    query: str
+    args: tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class Effects:
+    """What a decision asks the shell to do: commit the writes, then notify, then wake or stop."""
+
+    writes: list[Write] = field(default_factory=list)
+    notes: list[Notification] = field(default_factory=list)
+    global_notes: list[Notification] = field(default_factory=list)
+    woke: bool = False
+    finished: TasksetStatus | None = None
+
+    def extend(self, other: Effects) -> None:
+        self.writes.extend(other.writes)
+        self.notes.extend(other.notes)
+        self.global_notes.extend(other.global_notes)
+        self.woke = self.woke or other.woke
+        self.finished = self.finished or other.finished
+
+
+@dataclass(slots=True)
+class TrialState:
+    id: int
+    task_id: int
+    slave_id: int
+    status: TrialStatus | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+
+@dataclass(slots=True)
+class TaskState:
+    id: int
+    position: int
+    spec_path: str
+    spec_sha1: str
+    hard_timeout_sec: int
+    soft_timeout_sec: int
+    expected_s: float
+    status: TaskStatus | None = None
+    trials: list[TrialState] = field(default_factory=list)
+    speculated: bool = False
+
+    @property
+    def running(self) -> list[TrialState]:
+        return [trial for trial in self.trials if trial.status is None]
+
+    def tried_by(self, slave_id: int | None) -> bool:
+        return slave_id is not None and any(trial.slave_id == slave_id for trial in self.trials)
+
+
+@dataclass(slots=True)
+class SlaveState:
+    id: int
+    name: str
+    status: SlaveStatus | None = None
+    current_trial_id: int | None = None
+
+
+@dataclass(slots=True)
+class WorkerLogState:
+    id: int
+    worker_name: str
+    started_at: dt.datetime
+    times: dict[str, dt.datetime | None] = field(default_factory=lambda: dict.fromkeys(WORKER_LOG_TIMES))
+    log_bytes: int = 0
+
+
+class Wait:
+    """`dequeue` found nothing now; ask again when the queue wakes."""
+
+
+WAIT: Final = Wait()
+IdSource = Callable[[], int]
+
+
+@dataclass
+class TasksetModel:
+    """The live state of one taskset, changed only by its owner, through the methods below."""
+
+    id: int
+    rsync_name: str
+    setup_command: str
+    slave_command: str
+    worker_type: str
+    taskset_class: str
+    max_workers: int
+    max_trials: int
+    status: TasksetStatus
+    created_at: dt.datetime
+    finished_at: dt.datetime | None = None
+    tasks: dict[int, TaskState] = field(default_factory=dict)
+    trials: dict[int, TrialState] = field(default_factory=dict)
+    slaves: dict[int, SlaveState] = field(default_factory=dict)
+    worker_logs: dict[int, WorkerLogState] = field(default_factory=dict)
+    queue: collections.deque[int] = field(default_factory=collections.deque)
+    leases: dict[int, Hashable] = field(default_factory=dict)
+    output_limit: int = DEFAULT_OUTPUT_LIMIT
+
+    # -- building ------------------------------------------------------------------
+
+    @property
+    def ref(self) -> TasksetRef:
+        return TasksetRef(self.id)
+
+    def add_task(self, task: TaskState) -> None:
+        self.tasks[task.id] = task
+        for trial in task.trials:
+            self.trials[trial.id] = trial
+
+    def fill_queue(self) -> None:
+        """Queue every undecided task with no running trial: retried ones first, then longest expected first."""
+        self.queue.clear()
+        waiting = [t for t in self.tasks.values() if t.status is None and not t.running and t.id not in self.leases]
+        waiting.sort(key=lambda t: (not t.trials, -t.expected_s, t.position))
+        self.queue.extend(t.id for t in waiting)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def counts(self) -> dict[str, int]:
+        statuses = [task.status for task in self.tasks.values()]
+        return {
+            "task_count": len(statuses),
+            "passed_count": statuses.count(TaskStatus.PASSED),
+            "pending_count": statuses.count(TaskStatus.PENDING),
+            "failed_count": statuses.count(TaskStatus.FAILED),
+        }
+
+    # -- taskset lifecycle ---------------------------------------------------------
+
+    def dispatch(self, now: dt.datetime) -> Effects:
+        """`rsync_waiting` → `waiting`, or straight to `succeeded` with no tasks; a no-op in other states."""
+        fx = Effects()
+        if self.status is not TasksetStatus.RSYNC_WAITING:
+            return fx
+        self._set_status(TasksetStatus.WAITING, now, fx)
+        if not self.tasks:
+            self._finish(TasksetStatus.SUCCEEDED, now, fx)
+        else:
+            fx.woke = True
+        return fx
+
+    def cancel(self, now: dt.datetime) -> Effects:
+        return self._end(TasksetStatus.CANCELLED, now)
+
+    def fail(self, now: dt.datetime) -> Effects:
+        return self._end(TasksetStatus.FAILED, now)
+
+    def try_finish(self, now: dt.datetime) -> Effects:
+        """Re-decide every undecided task, then finish the taskset if nothing is left undecided."""
+        fx = Effects()
+        if self.status not in DISPATCHED:
+            return fx
+        for task in list(self.tasks.values()):
+            if task.status is None and not task.running:
+                self._decide(task, now, fx)
+                if not self.active:
+                    break
+        return fx
+
+    def _end(self, status: TasksetStatus, now: dt.datetime) -> Effects:
+        fx = Effects()
+        if self.active:
+            self._finish(status, now, fx)
+        return fx
+
+    def _set_status(self, status: TasksetStatus, now: dt.datetime, fx: Effects) -> None:
+        self.status = transition(self.status, status)
+        fx.writes.append(Write("set_taskset_status", (self.id, status.value, self.finished_at)))
+        note = TasksetUpdated(format_timestamp(now), self.ref, TasksetHash(status=status))
+        fx.notes.append(note)
+        fx.global_notes.append(note)
+
+    def _finish(self, status: TasksetStatus, now: dt.datetime, fx: Effects) -> None:
+        self.status = transition(self.status, status)
+        self.finished_at = now
+        fx.writes.append(Write("set_taskset_status", (self.id, status.value, now)))
+        note = TasksetUpdated(
+            format_timestamp(now), self.ref, TasksetHash(status=status, finished_at=format_timestamp(now))
+        )
+        fx.notes.append(note)
+        fx.global_notes.append(note)
+        self.queue.clear()
+        self.leases.clear()
+        fx.finished = status
+
+    # -- the queue -----------------------------------------------------------------
+
+    def dequeue(self, holder: Hashable, slave_id: int | None, now: dt.datetime) -> DequeuedTask | Wait | None:
+        """The next task leased to `holder`; `WAIT` while there is none yet; `None` once finished."""
+        if self.status in FINISHED:
+            return None
+        if self.status is TasksetStatus.RSYNC_WAITING:
+            return WAIT
+        chosen = self._pick_queued(slave_id)
+        if chosen is None:
+            chosen = self._pick_straggler(slave_id, now)
+            if chosen is None:
+                return WAIT
+            chosen.speculated = True
+        self.leases[chosen.id] = holder
+        return DequeuedTask(TaskRef(chosen.id), chosen.spec_path, chosen.hard_timeout_sec, chosen.soft_timeout_sec)
+
+    def _pick_queued(self, slave_id: int | None) -> TaskState | None:
+        fallback: int | None = None
+        for index, task_id in enumerate(self.queue):
+            task = self.tasks[task_id]
+            if not task.tried_by(slave_id):
+                del self.queue[index]
+                return task
+            if fallback is None:
+                fallback = index
+        if fallback is None:
+            return None
+        task_id = self.queue[fallback]
+        del self.queue[fallback]
+        return self.tasks[task_id]
+
+    def _pick_straggler(self, slave_id: int | None, now: dt.datetime) -> TaskState | None:
+        """The running task most overdue against its expected duration, not yet duplicated."""
+        best: tuple[float, TaskState] | None = None
+        for task in self.tasks.values():
+            if task.status is not None or task.speculated or task.id in self.leases or task.tried_by(slave_id):
+                continue
+            running = [trial.started_at for trial in task.running if trial.started_at is not None]
+            if not running or len(task.running) != len(task.trials) - _finished_count(task):
+                continue
+            overdue = (now - min(running)).total_seconds() - task.expected_s
+            if overdue > 0 and (best is None or overdue > best[0]):
+                best = (overdue, task)
+        return None if best is None else best[1]
+
+    def next_straggler_check(self, now: dt.datetime) -> float | None:
+        """Seconds until some running task outlives its expected duration, for waiting dequeues."""
+        soonest: float | None = None
+        for task in self.tasks.values():
+            if task.status is not None or task.speculated or task.id in self.leases:
+                continue
+            starts = [trial.started_at for trial in task.running if trial.started_at is not None]
+            if not starts:
+                continue
+            left = task.expected_s - (now - min(starts)).total_seconds()
+            soonest = left if soonest is None else min(soonest, left)
+        return None if soonest is None else max(soonest, 0.0)
+
+    def give_back(self, task_id: int, holder: Hashable | None = None) -> Effects:
+        """A leased task goes back to the head of the queue (a `reversed_enqueue_task` or a lost lease)."""
+        fx = Effects()
+        leased_to = self.leases.get(task_id)
+        if leased_to is None or (holder is not None and leased_to != holder):
+            return fx
+        del self.leases[task_id]
+        task = self.tasks[task_id]
+        if task.status is None and self.active and task_id not in self.queue:
+            if task.speculated and task.running:
+                task.speculated = False  # the duplicate was never started; a later straggler check may retry
+            else:
+                self.queue.appendleft(task_id)
+                fx.woke = True
+        return fx
+
+    def release_holder(self, holder: Hashable) -> Effects:
+        fx = Effects()
+        for task_id in [tid for tid, h in self.leases.items() if h == holder]:
+            fx.extend(self.give_back(task_id))
+        return fx
+
+    # -- trials ------------------------------------------------------------------
+
+    def create_trial(self, task_id: int, slave_id: int, new_id: IdSource, now: dt.datetime) -> tuple[TrialRef, Effects]:
+        fx = Effects()
+        slave = self.slaves.get(slave_id)
+        if slave is None:
+            raise SlaveNotFound(f"slave {slave_id} is not a slave of taskset {self.id}")
+        task = self.tasks[task_id]
+        for trial in task.trials:
+            if trial.slave_id == slave_id and trial.status is None:
+                self.leases.pop(task_id, None)
+                return TrialRef(trial.id), fx
+        self.leases.pop(task_id, None)
+        if task_id in self.queue:
+            self.queue.remove(task_id)
+        trial = TrialState(new_id(), task_id, slave_id, None, now)
+        task.trials.append(trial)
+        self.trials[trial.id] = trial
+        fx.writes.append(Write("insert_trial", (trial.id, task_id, slave_id, now)))
+        fx.writes.append(Write("set_task_trial_count", (task_id, len(task.trials))))
+        stamp = format_timestamp(now)
+        fx.notes.append(TrialCreated(stamp, TrialRef(trial.id), TaskRef(task_id), SlaveRef(slave_id), stamp))
+        fx.notes.append(TaskUpdated(stamp, TaskRef(task_id), TaskHash(trial_count=len(task.trials))))
+        return TrialRef(trial.id), fx
+
+    def start_trial(self, trial_id: int, now: dt.datetime) -> Effects:
+        fx = Effects()
+        trial = self._trial(trial_id)
+        if trial.started_at is None:
+            trial.started_at = now
+            fx.writes.append(Write("start_trial", (trial_id, now)))
+        return fx
+
+    def finish_trial(
+        self,
+        trial_id: int,
+        status: TrialStatus,
+        stdout: str,
+        stderr: str,
+        counts: tuple[int | None, int | None, int | None],
+        now: dt.datetime,
+    ) -> Effects:
+        """Record a trial's result (a repeat changes nothing) and decide its task."""
+        fx = Effects()
+        trial = self._trial(trial_id)
+        if trial.status is not None:
+            return fx
+        trial.status = status
+        trial.finished_at = now
+        stdout = truncate_output(stdout, self.output_limit)
+        stderr = truncate_output(stderr, self.output_limit)
+        fx.writes.append(Write("finish_trial", (trial_id, status.value, stdout, stderr, *counts, now)))
+        task = self.tasks[trial.task_id]
+        if status in (TrialStatus.PASSED, TrialStatus.PENDING) and trial.started_at is not None:
+            duration_ms = int((now - trial.started_at).total_seconds() * 1000)
+            fx.writes.append(
+                Write("insert_spec_sample", (self.taskset_class, task.spec_sha1, task.spec_path, duration_ms))
+            )
+        fx.notes.append(
+            TrialUpdated(
+                format_timestamp(now),
+                TrialRef(trial_id),
+                TaskRef(task.id),
+                format_timestamp(now),
+                status,
+                *counts,
+            )
+        )
+        self._decide(task, now, fx)
+        return fx
+
+    def _decide(self, task: TaskState, now: dt.datetime, fx: Effects) -> None:
+        if task.status is not None or not self.active:
+            return
+        verdict = decide_task((trial.status for trial in task.trials), self.max_trials)
+        if verdict is Verdict.REQUEUE:
+            if task.id not in self.queue and task.id not in self.leases and self.status in ACTIVE:
+                self.queue.appendleft(task.id)
+                fx.woke = True
+            return
+        if verdict is Verdict.WAIT:
+            return
+        task.status = TaskStatus(verdict.value)
+        if task.id in self.queue:
+            self.queue.remove(task.id)
+        self.leases.pop(task.id, None)
+        stamp = format_timestamp(now)
+        fx.writes.append(Write("set_task_status", (task.id, task.status.value)))
+        fx.notes.append(TaskUpdated(stamp, TaskRef(task.id), TaskHash(status=task.status)))
+        count = sum(1 for t in self.tasks.values() if t.status is task.status)
+        if task.status is TaskStatus.PASSED:
+            hash_ = TasksetHash(passed_count=count)
+        elif task.status is TaskStatus.PENDING:
+            hash_ = TasksetHash(pending_count=count)
+        else:
+            hash_ = TasksetHash(failed_count=count)
+        fx.notes.append(TasksetUpdated(stamp, self.ref, hash_))
+        final = taskset_verdict(t.status for t in self.tasks.values())
+        if final is not None and self.status in DISPATCHED:
+            self._finish(final, now, fx)
+
+    def _trial(self, trial_id: int) -> TrialState:
+        trial = self.trials.get(trial_id)
+        if trial is None:
+            raise TrialNotFound(f"no trial {trial_id}")
+        return trial
+
+    # -- worker logs -------------------------------------------------------------
+
+    def create_worker_log(self, worker_name: str, new_id: IdSource, now: dt.datetime) -> tuple[WorkerLogRef, Effects]:
+        fx = Effects()
+        for log in self.worker_logs.values():
+            if log.worker_name == worker_name:
+                return WorkerLogRef(log.id), fx
+        log = WorkerLogState(new_id(), worker_name, now)
+        self.worker_logs[log.id] = log
+        fx.writes.append(Write("insert_worker_log", (log.id, self.id, worker_name, now)))
+        fx.notes.append(WorkerLogCreated(format_timestamp(now), WorkerLogRef(log.id), worker_name))
+        if self.status is TasksetStatus.WAITING:
+            self._set_status(TasksetStatus.RUNNING, now, fx)
+        return WorkerLogRef(log.id), fx
+
+    def append_worker_log(self, log_id: int, text: str, now: dt.datetime) -> Effects:
+        fx = Effects()
+        log = self._worker_log(log_id)
+        room = self.output_limit - log.log_bytes
+        if room <= 0 or not text:
+            return fx
+        size = len(text.encode("utf-8", "replace"))
+        if size > room:
+            text = truncate_output(text, room)
+            size = room
+        log.log_bytes += size
+        fx.writes.append(Write("append_worker_log", (log_id, text)))
+        fx.notes.append(WorkerLogUpdated(format_timestamp(now), WorkerLogRef(log_id), WorkerLogHash(log_appended=text)))
+        return fx
+
+    def set_worker_log_time(self, log_id: int, name: str, now: dt.datetime) -> Effects:
+        """Set one of `WORKER_LOG_TIMES` (the first call wins)."""
+        fx = Effects()
+        log = self._worker_log(log_id)
+        if log.times[name] is not None:
+            return fx
+        log.times[name] = now
+        fx.writes.append(Write(f"set_worker_log_{name}", (log_id, now)))
+        fx.notes.append(
+            WorkerLogUpdated(
+                format_timestamp(now), WorkerLogRef(log_id), WorkerLogHash(**{name: format_timestamp(now)})
+            )
+        )
+        return fx
+
+    def _worker_log(self, log_id: int) -> WorkerLogState:
+        log = self.worker_logs.get(log_id)
+        if log is None:
+            raise WorkerLogNotFound(f"no worker log {log_id}")
+        return log
+
+    # -- slaves ------------------------------------------------------------------
+
+    def slave_by_name(self, name: str) -> SlaveState | None:
+        for slave in self.slaves.values():
+            if slave.name == name:
+                return slave
+        return None
+
+    def create_slave(self, name: str, new_id: IdSource, now: dt.datetime) -> tuple[SlaveRef, Effects]:
+        fx = Effects()
+        existing = self.slave_by_name(name)
+        if existing is not None:
+            return SlaveRef(existing.id), fx
+        slave = SlaveState(new_id(), name)
+        self.slaves[slave.id] = slave
+        fx.writes.append(Write("insert_slave", (slave.id, self.id, name, now)))
+        fx.notes.append(SlaveCreated(format_timestamp(now), SlaveRef(slave.id), name))
+        return SlaveRef(slave.id), fx
+
+    def current_trial(self, slave_id: int, trial_id: int | None, now: dt.datetime) -> Effects:
+        fx = Effects()
+        slave = self._slave(slave_id)
+        if trial_id is not None:
+            trial = self._trial(trial_id)
+            if trial.slave_id != slave_id:
+                raise Conflict(f"trial {trial_id} belongs to slave {trial.slave_id}, not {slave_id}")
+        if slave.current_trial_id == trial_id:
+            return fx
+        slave.current_trial_id = trial_id
+        fx.writes.append(Write("set_slave_current_trial", (slave_id, trial_id)))
+        fx.notes.append(
+            SlaveUpdated(
+                format_timestamp(now),
+                SlaveRef(slave_id),
+                SlaveHash(current_trial=None if trial_id is None else TrialRef(trial_id)),
+            )
+        )
+        return fx
+
+    def finish_slave(self, slave_id: int, status: SlaveStatus | None, now: dt.datetime) -> Effects:
+        fx = Effects()
+        self._set_slave_status(self._slave(slave_id), status, now, fx)
+        return fx
+
+    def force_finish_slave(self, slave_id: int, status: SlaveStatus | None, now: dt.datetime) -> Effects:
+        """The slave died: its unfinished trials end as `timeout` (for `timeout_exit`) or `error`."""
+        fx = Effects()
+        slave = self._slave(slave_id)
+        verdict = TrialStatus.TIMEOUT if status is SlaveStatus.TIMEOUT_EXIT else TrialStatus.ERROR
+        for trial in [t for t in self.trials.values() if t.slave_id == slave_id and t.status is None]:
+            fx.extend(
+                self.finish_trial(
+                    trial.id, verdict, "", f"[testfleet: the slave ended ({status})]\n", (None, None, None), now
+                )
+            )
+        self._set_slave_status(slave, status, now, fx)
+        return fx
+
+    def _set_slave_status(self, slave: SlaveState, status: SlaveStatus | None, now: dt.datetime, fx: Effects) -> None:
+        if slave.status == status:
+            return
+        slave.status = status
+        fx.writes.append(Write("set_slave_status", (slave.id, None if status is None else status.value)))
+        fx.notes.append(SlaveUpdated(format_timestamp(now), SlaveRef(slave.id), SlaveHash(status=status)))
+
+    def _slave(self, slave_id: int) -> SlaveState:
+        slave = self.slaves.get(slave_id)
+        if slave is None:
+            raise SlaveNotFound(f"no slave {slave_id}")
+        return slave
+
+    def unfinished_slaves(self) -> Iterable[SlaveState]:
+        """Slaves with no final status: after a restart, each must re-bind or be lost."""
+        return [slave for slave in self.slaves.values() if slave.status is None]
+
+
+def _finished_count(task: TaskState) -> int:
+    return sum(1 for trial in task.trials if trial.status is not None)
+
+
+def expected_duration(history_s: float | None, path_history_s: float | None, soft_timeout_sec: int) -> float:
+    """Longest-first ordering key: history by sha1, else by path, else the soft timeout."""
+    if history_s is not None:
+        return history_s
+    if path_history_s is not None:
+        return path_history_s
+    return float(soft_timeout_sec)
+
+
+def check_tasks(spec_paths: Iterable[str], timeouts: Iterable[tuple[int, int]]) -> None:
+    """`InvalidArgument` for a duplicate, absolute or escaping spec path, or soft > hard."""
+    seen: set[str] = set()
+    for path, (hard, soft) in zip(spec_paths, timeouts, strict=True):
+        if path.startswith("/") or "\\" in path or "\x00" in path:
+            raise InvalidArgument(f"spec_path {path!r} must be a relative path inside the tree")
+        parts = path.split("/")
+        if ".." in parts or "" in parts or "." in parts:
+            raise InvalidArgument(f"spec_path {path!r} must be a plain relative path without '..', '.' or '//'")
+        if path in seen:
+            raise InvalidArgument(f"spec_path {path!r} appears twice")
+        seen.add(path)
+        if soft > hard:
+            raise InvalidArgument(f"spec_path {path!r}: soft timeout {soft} s exceeds hard timeout {hard} s")
+
+
+__all__ = ["WAIT", "Effects", "TasksetModel", "Wait", "Write", "maybe_timestamp"]

@@ -1,0 +1,1 @@
+"""The asyncio shell: taskset owners, the hub of connections, liveness timers, recovery."""

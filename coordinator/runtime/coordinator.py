@@ -1,0 +1,493 @@
+"""Every coordinator method: finds the owner a call concerns, hands it the command, and keeps slaves bound."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+from coordinator.core.errors import (
+    Conflict,
+    InvalidArgument,
+    SlaveNotFound,
+    TaskNotFound,
+    TasksetNotFound,
+    TrialNotFound,
+    WorkerLogNotFound,
+)
+from coordinator.core.taskset import WAIT, Effects, TasksetModel, check_tasks
+from coordinator.runtime.hub import Connection, Hub
+from coordinator.runtime.metrics import Metrics
+from coordinator.runtime.owner import Owner, utcnow
+from coordinator.runtime.workers import Workers
+from coordinator.store.store import Store
+from protocol import messages as m
+from protocol.messages import Params
+from protocol.types import (
+    SlaveRef,
+    SlaveStatus,
+    TasksetRef,
+    TasksetStatus,
+    TrialRef,
+    WorkerLogRef,
+    format_timestamp,
+    maybe_timestamp,
+)
+
+log = structlog.get_logger("testfleet.coordinator")
+
+Handler = Callable[[Connection | None, Any], Awaitable[Any]]
+IDLE_OWNER_S: Final = 300.0
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    slave_grace_s: float = 15.0
+    heartbeat_s: float = 10.0
+    missed_heartbeats: int = 3
+    output_limit: int = 4 * 1024 * 1024
+    dequeue_poll_s: float = 1.0
+
+
+class Coordinator:
+    """The runtime behind /ws and /rpc."""
+
+    def __init__(self, store: Store, hub: Hub, metrics: Metrics, settings: RuntimeSettings | None = None) -> None:
+        self.store = store
+        self.hub = hub
+        self.metrics = metrics
+        self.settings = settings or RuntimeSettings()
+        self.owners: dict[int, Owner] = {}
+        self._loading: dict[int, asyncio.Future[Owner | None]] = {}
+        self._grace: dict[int, asyncio.TimerHandle] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.workers = Workers(self, heartbeat_s=self.settings.heartbeat_s, missed=self.settings.missed_heartbeats)
+        self.handlers: dict[str, Handler] = {
+            "listen_to_global": self.listen_to_global,
+            "listen_to_taskset": self.listen_to_taskset,
+            "query_spec_average_sec": self.query_spec_average_sec,
+            "query_spec_average_secs": self.query_spec_average_secs,
+            "create_taskset": self.create_taskset,
+            "dispatch_taskset": self.dispatch_taskset,
+            "dequeue_task": self.dequeue_task,
+            "try_finish_taskset": self.try_finish_taskset,
+            "fail_taskset": self.fail_taskset,
+            "cancel_taskset": self.cancel_taskset,
+            "cancel_user_taskset": self.cancel_user_taskset,
+            "query_taskset_status": self.query_taskset_status,
+            "query_taskset_summary": self.query_taskset_summary,
+            "active_tasksets": self.active_tasksets,
+            "reversed_enqueue_task": self.reversed_enqueue_task,
+            "create_trial": self.create_trial,
+            "start_trial": self.start_trial,
+            "finish_trial": self.finish_trial,
+            "current_taskset": self.current_taskset,
+            "active_workers": self.active_workers,
+            "create_worker_log": self.create_worker_log,
+            "append_worker_log_log": self.append_worker_log_log,
+            "set_rsync_finished_time": self.set_rsync_finished_time,
+            "set_setup_finished_time": self.set_setup_finished_time,
+            "set_rspec_finished_time": self.set_rspec_finished_time,
+            "finish_worker_log": self.finish_worker_log,
+            "create_slave": self.create_slave,
+            "current_trial": self.current_trial,
+            "finish_slave": self.finish_slave,
+            "force_finish_slave": self.force_finish_slave,
+        }
+        missing = set(m.COORDINATOR_METHODS) - set(self.handlers)
+        assert not missing, f"methods without a handler: {sorted(missing)}"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Rebuild every unfinished taskset from the database; their slaves must re-bind within the grace."""
+        for taskset_id in await self.store.active_taskset_ids():
+            owner = await self.owner(taskset_id)
+            if owner is None:
+                continue
+            for slave in owner.model.unfinished_slaves():
+                self._start_grace(owner.id, slave.id)
+            self.workers.taskset_opened(owner.model)
+        self.workers.start()
+        self.spawn(self._evict_idle(), "evict-idle-owners")
+
+    async def close(self) -> None:
+        await self.workers.stop()
+        for handle in self._grace.values():
+            handle.cancel()
+        self._grace.clear()
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for owner in list(self.owners.values()):
+            await owner.stop()
+        self.owners.clear()
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _evict_idle(self) -> None:
+        """Finished tasksets' owners leave memory once nobody has touched them for a while."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(30)
+            for owner in list(self.owners.values()):
+                if not owner.model.active and loop.time() - owner.last_used > IDLE_OWNER_S and owner.queue.empty():
+                    self.owners.pop(owner.id, None)
+                    await owner.stop()
+
+    # -- owners ------------------------------------------------------------------
+
+    async def owner(self, taskset_id: int) -> Owner | None:
+        """The owner of a taskset, loading it from the database on first use."""
+        owner = self.owners.get(taskset_id)
+        if owner is not None:
+            return owner
+        loading = self._loading.get(taskset_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[Owner | None] = asyncio.get_running_loop().create_future()
+        self._loading[taskset_id] = future
+        try:
+            model = await self.store.load_taskset(taskset_id)
+            if model is None:
+                result = None
+            else:
+                model.output_limit = self.settings.output_limit
+                result = Owner(model, self.store, self)
+                result.start()
+                self.owners[taskset_id] = result
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: concurrent waiters get it through their await
+            raise
+        finally:
+            del self._loading[taskset_id]
+
+    async def _owner_of(self, ref: TasksetRef) -> Owner:
+        owner = await self.owner(ref.id)
+        if owner is None:
+            raise TasksetNotFound(f"no taskset {ref.id}")
+        return owner
+
+    async def _owner_by(self, kind: str, ref_id: int) -> Owner:
+        for owner in self.owners.values():
+            model = owner.model
+            if (
+                (kind == "task" and ref_id in model.tasks)
+                or (kind == "trial" and ref_id in model.trials)
+                or (kind == "slave" and ref_id in model.slaves)
+                or (kind == "worker_log" and ref_id in model.worker_logs)
+            ):
+                return owner
+        taskset_id = await self.store.taskset_of(kind, ref_id)
+        found = None if taskset_id is None else await self.owner(taskset_id)
+        if found is None:
+            raise {
+                "task": TaskNotFound,
+                "trial": TrialNotFound,
+                "slave": SlaveNotFound,
+                "worker_log": WorkerLogNotFound,
+            }[kind](f"no {kind} {ref_id}")
+        return found
+
+    # -- listener callbacks (from owners) ------------------------------------------
+
+    def published(self, model: TasksetModel, fx: Effects) -> None:
+        if fx.notes:
+            self.hub.publish_taskset(model.id, fx.notes)
+        if fx.global_notes:
+            self.hub.publish_global(fx.global_notes)
+        self.metrics.queue_depth.labels(str(model.id)).set(len(model.queue)) if model.active else None
+
+    def taskset_finished(self, model: TasksetModel, status: TasksetStatus) -> None:
+        log.info("taskset_finished", taskset_id=model.id, status=str(status))
+        with contextlib.suppress(KeyError):
+            self.metrics.queue_depth.remove(str(model.id))
+        self.workers.taskset_closed(model.id)
+
+    # -- slaves' connections and grace ---------------------------------------------
+
+    def _bind_slave(self, conn: Connection | None, taskset_id: int, slave_id: int) -> None:
+        handle = self._grace.pop(slave_id, None)
+        if handle is not None:
+            handle.cancel()
+        if conn is not None:
+            conn.slave_ids.add(slave_id)
+            conn.taskset_ids.add(taskset_id)
+
+    def _start_grace(self, taskset_id: int, slave_id: int) -> None:
+        old = self._grace.pop(slave_id, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._grace[slave_id] = loop.call_later(
+            self.settings.slave_grace_s,
+            lambda: self.spawn(self._lose_slave(taskset_id, slave_id), f"lose-slave-{slave_id}"),
+        )
+
+    async def _lose_slave(self, taskset_id: int, slave_id: int) -> None:
+        self._grace.pop(slave_id, None)
+        owner = await self.owner(taskset_id)
+        if owner is None:
+            return
+
+        def lose(model: TasksetModel, now: dt.datetime) -> tuple[None, Effects]:
+            slave = model.slaves.get(slave_id)
+            if slave is None or slave.status is not None:
+                return None, Effects()
+            return None, model.force_finish_slave(slave_id, SlaveStatus.FAILURE_EXIT, now)
+
+        log.warning("slave_lost", taskset_id=taskset_id, slave_id=slave_id)
+        await owner.run(lose)
+
+    async def connection_closed(self, conn: Connection) -> None:
+        """Return the connection's leases at once; its slaves get the grace period to re-bind."""
+        self.hub.remove(conn)
+        self.workers.connection_closed(conn)
+        for taskset_id in list(conn.taskset_ids):
+            owner = self.owners.get(taskset_id)
+            if owner is None:
+                continue
+            with contextlib.suppress(Exception):
+                await owner.run(_releaser(conn.id))
+            for slave_id in conn.slave_ids:
+                slave = owner.model.slaves.get(slave_id)
+                if slave is not None and slave.status is None and owner.model.active:
+                    self._start_grace(taskset_id, slave_id)
+
+    # -- methods -----------------------------------------------------------------
+
+    async def listen_to_global(self, conn: Connection | None, p: m.NoParams) -> None:
+        assert conn is not None
+        self.hub.listen_global(conn)
+
+    async def listen_to_taskset(self, conn: Connection | None, p: m.ListenToTasksetParams) -> None:
+        assert conn is not None
+        await self._owner_of(p.taskset_ref)
+        self.hub.listen_taskset(conn, p.taskset_ref.id)
+
+    async def query_spec_average_sec(self, conn: Connection | None, p: m.QuerySpecAverageSecParams) -> int | None:
+        return (await self.store.averages(p.taskset_class, [p.spec_sha1]))[0]
+
+    async def query_spec_average_secs(
+        self, conn: Connection | None, p: m.QuerySpecAverageSecsParams
+    ) -> list[int | None]:
+        return await self.store.averages(p.taskset_class, p.spec_sha1s)
+
+    async def create_taskset(self, conn: Connection | None, p: m.CreateTasksetParams) -> TasksetRef:
+        check_tasks((t.spec_path for t in p.tasks), ((t.hard_timeout_sec, t.soft_timeout_sec) for t in p.tasks))
+        now = utcnow()
+        taskset_id = await self.store.create_taskset(p, now)
+        owner = await self.owner(taskset_id)
+        assert owner is not None
+        self.hub.publish_global(
+            [
+                m.TasksetCreated(
+                    format_timestamp(now),
+                    TasksetRef(taskset_id),
+                    format_timestamp(now),
+                    p.rsync_name,
+                    p.worker_type,
+                    p.taskset_class,
+                )
+            ]
+        )
+        log.info("taskset_created", taskset_id=taskset_id, rsync_name=p.rsync_name, tasks=len(p.tasks))
+        return TasksetRef(taskset_id)
+
+    async def dispatch_taskset(self, conn: Connection | None, p: m.TasksetRefParams) -> None:
+        owner = await self._owner_of(p.taskset_ref)
+        await owner.run(lambda model, now: (None, model.dispatch(now)))
+        if owner.model.active:
+            self.workers.taskset_opened(owner.model)
+
+    async def dequeue_task(self, conn: Connection | None, p: m.TasksetRefParams) -> m.DequeuedTask | None:
+        assert conn is not None
+        owner = await self._owner_of(p.taskset_ref)
+        conn.taskset_ids.add(owner.id)
+        slave_id = next((sid for sid in conn.slave_ids if sid in owner.model.slaves), None)
+        holder = conn.id
+        while True:
+            if conn.closed:
+                raise Conflict("the connection closed")
+            result = await owner.run(lambda model, now: (model.dequeue(holder, slave_id, now), Effects()))
+            if result is not WAIT:
+                if result is not None:
+                    self.metrics.leases.inc()
+                return result  # type: ignore[no-any-return]
+            wait = owner.model.next_straggler_check(utcnow())
+            await owner.changed(self.settings.dequeue_poll_s if wait is None else min(wait + 0.01, 5.0))
+
+    async def try_finish_taskset(self, conn: Connection | None, p: m.TasksetRefParams) -> None:
+        owner = await self._owner_of(p.taskset_ref)
+        await owner.run(lambda model, now: (None, model.try_finish(now)))
+
+    async def fail_taskset(self, conn: Connection | None, p: m.TasksetRefParams) -> None:
+        owner = await self._owner_of(p.taskset_ref)
+        await owner.run(lambda model, now: (None, model.fail(now)))
+
+    async def cancel_taskset(self, conn: Connection | None, p: m.TasksetRefParams) -> None:
+        owner = await self._owner_of(p.taskset_ref)
+        await owner.run(lambda model, now: (None, model.cancel(now)))
+
+    async def cancel_user_taskset(self, conn: Connection | None, p: m.CancelUserTasksetParams) -> None:
+        for taskset_id in await self.store.active_taskset_ids(p.rsync_name):
+            await self.cancel_taskset(conn, m.TasksetRefParams(TasksetRef(taskset_id)))
+
+    async def query_taskset_status(self, conn: Connection | None, p: m.TasksetRefParams) -> TasksetStatus:
+        owner = await self._owner_of(p.taskset_ref)
+        return owner.model.status
+
+    async def query_taskset_summary(self, conn: Connection | None, p: m.TasksetRefParams) -> m.TasksetSummary:
+        owner = await self._owner_of(p.taskset_ref)
+        model = owner.model
+        c = model.counts()
+        return m.TasksetSummary(
+            model.status,
+            format_timestamp(model.created_at),
+            maybe_timestamp(model.finished_at),
+            c["task_count"],
+            c["passed_count"],
+            c["pending_count"],
+            c["failed_count"],
+        )
+
+    async def active_tasksets(self, conn: Connection | None, p: m.NoParams) -> list[TasksetRef]:
+        return [TasksetRef(i) for i in await self.store.active_taskset_ids()]
+
+    async def reversed_enqueue_task(self, conn: Connection | None, p: m.ReversedEnqueueTaskParams) -> None:
+        assert conn is not None
+        owner = await self._owner_by("task", p.task_ref.id)
+        holder = conn.id
+        task_id = p.task_ref.id
+
+        def give_back(model: TasksetModel, now: dt.datetime) -> tuple[None, Effects]:
+            if task_id in model.leases and model.leases[task_id] != holder:
+                raise Conflict(f"task {task_id} is leased to another connection")
+            return None, model.give_back(task_id, holder)
+
+        await owner.run(give_back)
+
+    async def create_trial(self, conn: Connection | None, p: m.CreateTrialParams) -> TrialRef:
+        owner = await self._owner_by("task", p.task_ref.id)
+        if p.slave_ref.id not in owner.model.slaves:
+            await self._owner_by("slave", p.slave_ref.id)  # NotFound for an unknown slave
+            raise InvalidArgument(f"slave {p.slave_ref.id} is not a slave of taskset {owner.id}")
+        self._bind_slave(conn, owner.id, p.slave_ref.id)
+        new_id = self.store.new_id
+        ref: TrialRef = await owner.run(
+            lambda model, now: model.create_trial(p.task_ref.id, p.slave_ref.id, lambda: new_id("trials"), now)
+        )
+        return ref
+
+    async def start_trial(self, conn: Connection | None, p: m.TrialRefParams) -> None:
+        owner = await self._owner_by("trial", p.trial_ref.id)
+        await owner.run(lambda model, now: (None, model.start_trial(p.trial_ref.id, now)))
+
+    async def finish_trial(self, conn: Connection | None, p: m.FinishTrialParams) -> None:
+        owner = await self._owner_by("trial", p.trial_ref.id)
+        counts = (p.passed, p.pending, p.failed)
+        await owner.run(
+            lambda model, now: (
+                None,
+                model.finish_trial(p.trial_ref.id, p.trial_status, p.stdout, p.stderr, counts, now),
+            )
+        )
+
+    async def current_taskset(self, conn: Connection | None, p: m.CurrentTasksetParams) -> None:
+        assert conn is not None
+        if p.taskset_ref is not None:
+            await self._owner_of(p.taskset_ref)
+        self.workers.register(conn, p.worker_name, p.worker_type, None if p.taskset_ref is None else p.taskset_ref.id)
+
+    async def active_workers(self, conn: Connection | None, p: m.NoParams) -> list[m.ActiveWorker]:
+        return self.workers.listing()
+
+    async def create_worker_log(self, conn: Connection | None, p: m.CreateWorkerLogParams) -> WorkerLogRef:
+        owner = await self._owner_of(p.taskset_ref)
+        new_id = self.store.new_id
+        ref: WorkerLogRef = await owner.run(
+            lambda model, now: model.create_worker_log(p.worker_name, lambda: new_id("worker_logs"), now)
+        )
+        return ref
+
+    async def append_worker_log_log(self, conn: Connection | None, p: m.AppendWorkerLogLogParams) -> None:
+        owner = await self._owner_by("worker_log", p.worker_log_ref.id)
+        await owner.run(lambda model, now: (None, model.append_worker_log(p.worker_log_ref.id, p.text, now)))
+
+    async def _set_log_time(self, ref: WorkerLogRef, name: str) -> None:
+        owner = await self._owner_by("worker_log", ref.id)
+        await owner.run(lambda model, now: (None, model.set_worker_log_time(ref.id, name, now)))
+
+    async def set_rsync_finished_time(self, conn: Connection | None, p: m.WorkerLogRefParams) -> None:
+        await self._set_log_time(p.worker_log_ref, "rsync_finished_at")
+
+    async def set_setup_finished_time(self, conn: Connection | None, p: m.WorkerLogRefParams) -> None:
+        await self._set_log_time(p.worker_log_ref, "setup_finished_at")
+
+    async def set_rspec_finished_time(self, conn: Connection | None, p: m.WorkerLogRefParams) -> None:
+        await self._set_log_time(p.worker_log_ref, "rspec_finished_at")
+
+    async def finish_worker_log(self, conn: Connection | None, p: m.WorkerLogRefParams) -> None:
+        await self._set_log_time(p.worker_log_ref, "finished_at")
+
+    async def create_slave(self, conn: Connection | None, p: m.CreateSlaveParams) -> SlaveRef:
+        owner = await self._owner_of(p.taskset_ref)
+        new_id = self.store.new_id
+        ref: SlaveRef = await owner.run(
+            lambda model, now: model.create_slave(p.slave_name, lambda: new_id("slaves"), now)
+        )
+        self._bind_slave(conn, owner.id, ref.id)
+        return ref
+
+    async def current_trial(self, conn: Connection | None, p: m.CurrentTrialParams) -> None:
+        owner = await self._owner_by("slave", p.slave_ref.id)
+        self._bind_slave(conn, owner.id, p.slave_ref.id)
+        trial_id = None if p.trial_ref is None else p.trial_ref.id
+        await owner.run(lambda model, now: (None, model.current_trial(p.slave_ref.id, trial_id, now)))
+
+    async def finish_slave(self, conn: Connection | None, p: m.FinishSlaveParams) -> None:
+        owner = await self._owner_by("slave", p.slave_ref.id)
+        self._bind_slave(None, owner.id, p.slave_ref.id)
+        await owner.run(lambda model, now: (None, model.finish_slave(p.slave_ref.id, p.slave_status, now)))
+
+    async def force_finish_slave(self, conn: Connection | None, p: m.ForceFinishSlaveParams) -> None:
+        found = None
+        for owner in self.owners.values():
+            slave = owner.model.slave_by_name(p.slave_name)
+            if slave is not None and (found is None or slave.id > found[0]):
+                found = (slave.id, owner.id)
+        if found is None:
+            found = await self.store.slave_by_name(p.slave_name)
+        if found is None:
+            raise SlaveNotFound(f"no slave named {p.slave_name!r}")
+        slave_id, taskset_id = found
+        target = await self.owner(taskset_id)
+        assert target is not None
+        self._bind_slave(None, taskset_id, slave_id)
+        await target.run(lambda model, now: (None, model.force_finish_slave(slave_id, p.slave_status, now)))
+
+
+def _releaser(holder: int) -> Callable[[TasksetModel, dt.datetime], tuple[None, Effects]]:
+    def release(model: TasksetModel, now: dt.datetime) -> tuple[None, Effects]:
+        return None, model.release_holder(holder)
+
+    return release
+
+
+def params_type(method: str) -> type[Params]:
+    return m.COORDINATOR_METHODS[method].params

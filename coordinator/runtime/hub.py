@@ -1,0 +1,157 @@
+"""Connections, their bounded outboxes, subscriptions, and requests the coordinator sends to workers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import structlog
+
+from protocol.codec import Codec, Response, encode_notification, encode_request
+from protocol.errors import ProtocolError
+from protocol.messages import Notification, Params, Role
+
+log = structlog.get_logger("testfleet.hub")
+
+OUTBOX_FRAMES: Final = 10_000
+
+
+class ConnectionGone(Exception):
+    """The connection closed before the reply came."""
+
+
+class Connection:
+    """One peer on /ws: what it may do, what it is bound to, and a bounded queue of frames to send it."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, roles: frozenset[Role], codec: Codec, *, outbox_frames: int = OUTBOX_FRAMES) -> None:
+        self.id = next(self._ids)
+        self.roles = roles
+        self.codec = codec
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue(outbox_frames)
+        self.slave_ids: set[int] = set()
+        self.taskset_ids: set[int] = set()
+        self.worker_name: str | None = None
+        self.closed = False
+        self.on_close: Callable[[], None] | None = None
+        self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._next_request = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id}>"
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame; a peer that lets its outbox fill up is cut off rather than let memory grow."""
+        if self.closed:
+            return
+        try:
+            self.outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            log.warning("connection_close", connection=self.id)
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionGone(f"connection {self.id} closed"))
+        self._pending.clear()
+        # Wake the writer so it notices; drop queued frames if there is no room.
+        while True:
+            try:
+                self.outbox.put_nowait(None)
+                break
+            except asyncio.QueueFull:
+                self.outbox.get_nowait()
+        if self.on_close is not None:
+            self.on_close()
+
+    async def request(self, method: str, params: Params, timeout: float = 30.0) -> Response:
+        """Send a request to the peer and wait for its reply."""
+        if self.closed:
+            raise ConnectionGone(f"connection {self.id} closed")
+        request_id = next(self._next_request)
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            self.send(encode_request(request_id, method, params, self.codec))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(request_id, None)
+
+    def deliver(self, response: Response) -> None:
+        """A reply to one of our requests arrived."""
+        if isinstance(response.id, int):
+            future = self._pending.get(response.id)
+            if future is not None and not future.done():
+                future.set_result(response)
+                return
+        log.info("unexpected_response", connection=self.id, id=response.id)
+
+
+class Hub:
+    """All live connections and who listens to what."""
+
+    def __init__(self, observe_lag: Callable[[float], None] | None = None) -> None:
+        self.connections: dict[int, Connection] = {}
+        self.global_listeners: set[Connection] = set()
+        self.taskset_listeners: dict[int, set[Connection]] = {}
+        self._observe_lag = observe_lag
+
+    def add(self, conn: Connection) -> None:
+        self.connections[conn.id] = conn
+
+    def remove(self, conn: Connection) -> None:
+        self.connections.pop(conn.id, None)
+        self.global_listeners.discard(conn)
+        for taskset_id in list(conn.taskset_ids):
+            listeners = self.taskset_listeners.get(taskset_id)
+            if listeners is not None:
+                listeners.discard(conn)
+                if not listeners:
+                    del self.taskset_listeners[taskset_id]
+
+    def listen_global(self, conn: Connection) -> None:
+        self.global_listeners.add(conn)
+
+    def listen_taskset(self, conn: Connection, taskset_id: int) -> None:
+        self.taskset_listeners.setdefault(taskset_id, set()).add(conn)
+        conn.taskset_ids.add(taskset_id)
+
+    def publish(self, listeners: Iterable[Connection], notes: list[Notification]) -> None:
+        """Send each notification to each listener, encoded once per codec."""
+        targets = [conn for conn in listeners if not conn.closed]
+        if not targets or not notes:
+            return
+        encoded: dict[Codec, list[bytes]] = {}
+        for conn in targets:
+            frames = encoded.get(conn.codec)
+            if frames is None:
+                frames = encoded[conn.codec] = [encode_notification(note, conn.codec) for note in notes]
+            for frame in frames:
+                conn.send(frame)
+
+    def publish_taskset(self, taskset_id: int, notes: list[Notification]) -> None:
+        self.publish(self.taskset_listeners.get(taskset_id, ()), notes)
+
+    def publish_global(self, notes: list[Notification]) -> None:
+        self.publish(self.global_listeners, notes)
+
+    def counts_by_role(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for conn in self.connections.values():
+            role = "worker" if conn.worker_name else ("slave" if conn.slave_ids else "other")
+            counts[role] = counts.get(role, 0) + 1
+        return counts
+
+
+def error_of(response: Response) -> ProtocolError | None:
+    return response.error
+
+
+__all__ = ["Any", "Connection", "ConnectionGone", "Hub", "error_of"]

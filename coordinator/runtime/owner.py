@@ -1,0 +1,158 @@
+"""The one task that changes a taskset: it applies commands to the core, commits, replies, then notifies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+import structlog
+
+from coordinator.core.errors import CoordinatorError, Unavailable
+from coordinator.core.taskset import Effects, TasksetModel
+from coordinator.store.store import Store
+from protocol.types import TasksetStatus
+
+log = structlog.get_logger("testfleet.owner")
+
+BATCH: Final = 512
+Command = Callable[[TasksetModel, dt.datetime], tuple[Any, Effects]]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Listener(Protocol):
+    """What an owner tells the rest of the runtime after each commit."""
+
+    def published(self, model: TasksetModel, fx: Effects) -> None: ...
+
+    def taskset_finished(self, model: TasksetModel, status: TasksetStatus) -> None: ...
+
+
+class _Job:
+    __slots__ = ("command", "future")
+
+    def __init__(self, command: Command, future: asyncio.Future[Any]) -> None:
+        self.command = command
+        self.future = future
+
+
+class Owner:
+    """Owns one `TasksetModel`: commands run one after another, each batch committed before any reply."""
+
+    def __init__(self, model: TasksetModel, store: Store, listener: Listener) -> None:
+        self.model = model
+        self.store = store
+        self.listener = listener
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.last_used = asyncio.get_running_loop().time()
+
+    @property
+    def id(self) -> int:
+        return self.model.id
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"taskset-owner-{self.model.id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(Unavailable("the coordinator is shutting down"))
+        self._changed.set()
+
+    async def run(self, command: Command) -> Any:
+        """Apply `command` in turn and return its result once its writes are committed."""
+        self.last_used = asyncio.get_running_loop().time()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait(_Job(command, future))
+        return await future
+
+    async def changed(self, timeout: float | None) -> None:
+        """Wait until the queue may hold work again, or `timeout` seconds."""
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _loop(self) -> None:
+        while True:
+            jobs = [await self.queue.get()]
+            while len(jobs) < BATCH and not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
+            await self._run_batch(jobs)
+
+    async def _run_batch(self, jobs: list[_Job]) -> None:
+        for table in ("trials", "slaves", "worker_logs"):
+            try:
+                await self.store.ensure_ids(table, len(jobs))
+            except Unavailable as exc:
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                return
+        now = utcnow()
+        fx = Effects()
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        for job in jobs:
+            if job.future.cancelled():
+                continue
+            try:
+                result, job_fx = job.command(self.model, now)
+            except CoordinatorError as exc:
+                outcomes.append((job, None, exc))
+                continue
+            except Exception as exc:
+                log.exception("command_failed", taskset_id=self.model.id)
+                outcomes.append((job, None, exc))
+                continue
+            fx.extend(job_fx)
+            outcomes.append((job, result, None))
+        try:
+            await self.store.commit(fx.writes)
+        except Exception as exc:
+            log.error("commit_failed", taskset_id=self.model.id, error=str(exc))
+            for job, _, _ in outcomes:
+                if not job.future.done():
+                    job.future.set_exception(exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc)))
+            await self._reload()
+            return
+        for job, result, error in outcomes:
+            if job.future.done():
+                continue
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
+        self.listener.published(self.model, fx)
+        if fx.finished is not None:
+            self.listener.taskset_finished(self.model, fx.finished)
+        if fx.woke or fx.finished is not None:
+            self._wake()
+
+    async def _reload(self) -> None:
+        """After a failed commit the model may be ahead of the database: read it back."""
+        for attempt in range(50):
+            try:
+                fresh = await self.store.load_taskset(self.model.id)
+            except Unavailable:
+                await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
+                continue
+            if fresh is not None:
+                fresh.leases.clear()
+                self.model.__dict__.update(fresh.__dict__)
+            self._wake()
+            return

@@ -1,0 +1,1 @@
+"""Postgres: migrations, named queries, the pool, the embedded server."""

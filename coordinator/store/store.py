@@ -1,0 +1,416 @@
+"""The store: named queries over an asyncpg pool, group commits, id blocks, and rows mapped to the core's models."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import importlib.resources
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import asyncpg
+
+from coordinator.core.errors import RsyncNameBusy, Unavailable
+from coordinator.core.taskset import (
+    TasksetModel,
+    TaskState,
+    TrialState,
+    WorkerLogState,
+    Write,
+    expected_duration,
+)
+from protocol.messages import CreateTasksetParams
+from protocol.types import SlaveStatus, TasksetStatus, TaskStatus, TrialStatus
+
+_QUERY_RE: Final = re.compile(r"^-- name: (\w+)\n--[^\n]*\n(.*?)(?=^-- name: |\Z)", re.S | re.M)
+
+# Writes run in this order inside a group commit: rows first, then changes to them.
+_WRITE_ORDER: Final = {
+    name: rank
+    for rank, name in enumerate(
+        (
+            "insert_worker_log",
+            "insert_slave",
+            "insert_trial",
+            "set_task_trial_count",
+            "start_trial",
+            "finish_trial",
+            "insert_spec_sample",
+            "set_task_status",
+            "append_worker_log",
+            "set_worker_log_rsync_finished_at",
+            "set_worker_log_setup_finished_at",
+            "set_worker_log_rspec_finished_at",
+            "set_worker_log_finished_at",
+            "set_slave_current_trial",
+            "set_slave_status",
+            "set_taskset_status",
+        )
+    )
+}
+_BLOCKS: Final = {"tasks": 1000, "trials": 1000, "slaves": 100, "worker_logs": 100}
+
+
+def load_queries() -> dict[str, str]:
+    """Every named query of queries.sql."""
+    text = importlib.resources.files("coordinator.store").joinpath("queries.sql").read_text()
+    return {m.group(1): m.group(2).strip() for m in _QUERY_RE.finditer(text)}
+
+
+QUERIES: Final = load_queries()
+
+
+class IdBlocks:
+    """Ids handed out from blocks reserved in Postgres, so rows can be named before they are committed."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+        self._end: dict[str, int] = {}
+
+    def take(self, table: str) -> int | None:
+        nxt = self._next.get(table)
+        if nxt is None or nxt >= self._end[table]:
+            return None
+        self._next[table] = nxt + 1
+        return nxt
+
+    def add(self, table: str, first: int) -> None:
+        self._next[table] = first
+        self._end[table] = first + _BLOCKS[table]
+
+
+class _Pending:
+    __slots__ = ("future", "writes")
+
+    def __init__(self, writes: list[Write], future: asyncio.Future[None]) -> None:
+        self.writes = writes
+        self.future = future
+
+
+class Store:
+    """All reads and writes of the coordinator."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        parallel_commits: int = 4,
+        observe_commit: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self._ids = IdBlocks()
+        self._pending: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(parallel_commits)
+        self._observe = observe_commit
+        self._committer: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        for table in ("trials", "slaves", "worker_logs"):
+            await self.reserve(table)
+        self._committer = asyncio.create_task(self._commit_loop(), name="store-committer")
+
+    async def close(self) -> None:
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        for pending in self._pending:
+            if not pending.future.done():
+                pending.future.set_exception(Unavailable("the coordinator is shutting down"))
+        self._pending.clear()
+
+    # -- ids ---------------------------------------------------------------------
+
+    def new_id(self, table: str) -> int:
+        """The next reserved id of `table`; callers keep blocks topped up with `reserve`."""
+        value = self._ids.take(table)
+        if value is None:
+            raise Unavailable(f"no {table} ids reserved")
+        return value
+
+    def needs_ids(self, table: str, want: int = 1) -> bool:
+        nxt = self._ids._next.get(table)
+        return nxt is None or self._ids._end[table] - nxt < want
+
+    async def reserve(self, table: str) -> None:
+        first = await self._fetchval("next_id_block", f"{table}_id_seq")
+        self._ids.add(table, int(first))
+
+    async def ensure_ids(self, table: str, want: int) -> None:
+        """Reserve blocks until `want` ids of `table` are at hand."""
+        while self.needs_ids(table, want):
+            # The old block's tail is dropped: ids need only be unique, not dense.
+            await self.reserve(table)
+            if want > _BLOCKS[table]:
+                break
+
+    # -- group commit ------------------------------------------------------------
+
+    async def commit(self, writes: list[Write]) -> None:
+        """Commit these writes, in one transaction with whatever other owners are committing now."""
+        if not writes:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(writes, future))
+        self._wakeup.set()
+        await future
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                await self._slots.acquire()
+                batch, self._pending = self._pending, []
+                task = asyncio.create_task(self._commit_batch(batch))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        try:
+            try:
+                await self._run([w for p in batch for w in p.writes])
+            except Exception as exc:
+                if len(batch) == 1:
+                    raise
+                # One owner's bad write must not fail the others: commit each alone.
+                del exc
+                for pending in batch:
+                    try:
+                        await self._run(pending.writes)
+                    except Exception as one_exc:
+                        pending.future.set_exception(_translate(one_exc))
+                    else:
+                        pending.future.set_result(None)
+                return
+        except Exception as exc:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(_translate(exc))
+        else:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_result(None)
+        finally:
+            self._slots.release()
+
+    async def _run(self, writes: list[Write]) -> None:
+        groups: dict[str, list[tuple[Any, ...]]] = collections.defaultdict(list)
+        for write in sorted(writes, key=lambda w: _WRITE_ORDER[w.query]):
+            groups[write.query].append(write.args)
+        started = time.perf_counter()
+        async with self.pool.acquire() as conn, conn.transaction():
+            for query, rows in groups.items():
+                if len(rows) == 1:
+                    await conn.execute(QUERIES[query], *rows[0])
+                else:
+                    await conn.executemany(QUERIES[query], rows)
+        if self._observe is not None:
+            self._observe(time.perf_counter() - started, len(writes))
+
+    # -- plain queries -------------------------------------------------------------
+
+    async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        try:
+            return await self.pool.fetch(QUERIES[name], *args)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _translate(exc) from exc
+
+    async def _fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
+        try:
+            return await self.pool.fetchrow(QUERIES[name], *args)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _translate(exc) from exc
+
+    async def _fetchval(self, name: str, *args: Any) -> Any:
+        try:
+            return await self.pool.fetchval(QUERIES[name], *args)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _translate(exc) from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._fetchval("ping"), 2.0))
+        except (Unavailable, TimeoutError):
+            return False
+
+    async def create_taskset(self, params: CreateTasksetParams, now: dt.datetime) -> int:
+        """Insert a taskset and its tasks atomically; `RsyncNameBusy` if its rsync_name is active."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                taskset_id = int(await conn.fetchval(QUERIES["next_taskset_id"]))
+                await conn.execute(
+                    QUERIES["insert_taskset"],
+                    taskset_id,
+                    params.rsync_name,
+                    params.setup_command,
+                    params.slave_command,
+                    params.worker_type,
+                    params.taskset_class,
+                    params.max_workers,
+                    params.max_trials,
+                    now,
+                )
+                if params.tasks:
+                    first = await _reserve_in(conn, "tasks", len(params.tasks))
+                    rows = [
+                        (first + i, taskset_id, i, t.spec_path, t.spec_sha1, t.hard_timeout_sec, t.soft_timeout_sec)
+                        for i, t in enumerate(params.tasks)
+                    ]
+                    await conn.executemany(QUERIES["insert_task"], rows)
+        except asyncpg.UniqueViolationError as exc:
+            raise RsyncNameBusy(f"rsync_name {params.rsync_name!r} already has an active taskset") from exc
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise _translate(exc) from exc
+        return taskset_id
+
+    async def averages(self, taskset_class: str, sha1s: Sequence[str]) -> list[int | None]:
+        """Mean whole seconds of the latest 100 passed/pending runs per sha1."""
+        rows = await self._fetch("averages_by_sha1", taskset_class, list(sha1s))
+        return [None if r["avg_ms"] is None else math.floor(float(r["avg_ms"]) / 1000) for r in rows]
+
+    async def load_taskset(self, taskset_id: int) -> TasksetModel | None:
+        """A taskset's whole live state from its rows."""
+        row = await self._fetchrow("get_taskset", taskset_id)
+        if row is None:
+            return None
+        model = TasksetModel(
+            id=row["id"],
+            rsync_name=row["rsync_name"],
+            setup_command=row["setup_command"],
+            slave_command=row["slave_command"],
+            worker_type=row["worker_type"],
+            taskset_class=row["taskset_class"],
+            max_workers=row["max_workers"],
+            max_trials=row["max_trials"],
+            status=TasksetStatus(row["status"]),
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+        )
+        tasks = await self._fetch("tasks_of_taskset", taskset_id)
+        by_sha1: dict[str, float | None] = {}
+        by_path: dict[str, float | None] = {}
+        if tasks and model.active:
+            sha1s = sorted({t["spec_sha1"] for t in tasks})
+            paths = [t["spec_path"] for t in tasks]
+            for r in await self._fetch("averages_by_sha1", model.taskset_class, sha1s):
+                by_sha1[r["sha1"]] = None if r["avg_ms"] is None else float(r["avg_ms"]) / 1000
+            for r in await self._fetch("averages_by_path", model.taskset_class, paths):
+                by_path[r["path"]] = None if r["avg_ms"] is None else float(r["avg_ms"]) / 1000
+        trials_by_task: dict[int, list[TrialState]] = collections.defaultdict(list)
+        for r in await self._fetch("trials_of_taskset", taskset_id):
+            trials_by_task[r["task_id"]].append(
+                TrialState(
+                    id=r["id"],
+                    task_id=r["task_id"],
+                    slave_id=r["slave_id"],
+                    status=None if r["status"] is None else TrialStatus(r["status"]),
+                    created_at=r["created_at"],
+                    started_at=r["started_at"],
+                    finished_at=r["finished_at"],
+                )
+            )
+        for t in tasks:
+            model.add_task(
+                TaskState(
+                    id=t["id"],
+                    position=t["position"],
+                    spec_path=t["spec_path"],
+                    spec_sha1=t["spec_sha1"],
+                    hard_timeout_sec=t["hard_timeout_sec"],
+                    soft_timeout_sec=t["soft_timeout_sec"],
+                    expected_s=expected_duration(
+                        by_sha1.get(t["spec_sha1"]), by_path.get(t["spec_path"]), t["soft_timeout_sec"]
+                    ),
+                    status=None if t["status"] is None else TaskStatus(t["status"]),
+                    trials=trials_by_task.get(t["id"], []),
+                )
+            )
+        from coordinator.core.taskset import SlaveState
+
+        for s in await self._fetch("slaves_of_taskset", taskset_id):
+            model.slaves[s["id"]] = SlaveState(
+                s["id"], s["name"], None if s["status"] is None else SlaveStatus(s["status"]), s["current_trial_id"]
+            )
+        for w in await self._fetch("worker_logs_of_taskset", taskset_id):
+            log = WorkerLogState(w["id"], w["worker_name"], w["started_at"])
+            for name in log.times:
+                log.times[name] = w[name]
+            log.log_bytes = len(w["log"].encode())
+            model.worker_logs[w["id"]] = log
+        model.fill_queue()
+        return model
+
+    async def taskset_of(self, kind: str, ref_id: int) -> int | None:
+        """The taskset id a task, trial, slave or worker log belongs to."""
+        value = await self._fetchval(f"taskset_of_{kind}", ref_id)
+        return None if value is None else int(value)
+
+    async def slave_by_name(self, name: str) -> tuple[int, int] | None:
+        row = await self._fetchrow("slave_by_name", name)
+        return None if row is None else (int(row["id"]), int(row["taskset_id"]))
+
+    async def active_taskset_ids(self, rsync_name: str | None = None) -> list[int]:
+        if rsync_name is None:
+            rows = await self._fetch("active_taskset_ids")
+        else:
+            rows = await self._fetch("active_taskset_ids_of_rsync_name", rsync_name)
+        return [int(r["id"]) for r in rows]
+
+    async def task_counts(self, taskset_id: int) -> dict[str, int]:
+        row = await self._fetchrow("task_counts", taskset_id)
+        assert row is not None
+        return {k: int(row[k]) for k in ("task_count", "passed_count", "pending_count", "failed_count")}
+
+    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        """Rows of a named read query (for the read API)."""
+        return await self._fetch(name, *args)
+
+    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
+        return await self._fetchrow(name, *args)
+
+
+async def _reserve_in(conn: Any, table: str, count: int) -> int:
+    """A run of `count` consecutive ids of `table`, reserved inside the caller's transaction."""
+    block = _BLOCKS[table]
+    first = int(await conn.fetchval(QUERIES["next_id_block"], f"{table}_id_seq"))
+    if count <= block:
+        return first
+    # Several blocks: keep taking until the run is contiguous and long enough.
+    end = first + block
+    while end - first < count:
+        nxt = int(await conn.fetchval(QUERIES["next_id_block"], f"{table}_id_seq"))
+        if nxt != end:
+            first, end = nxt, nxt + block
+        else:
+            end += block
+    return first
+
+
+def _translate(exc: BaseException) -> Exception:
+    if isinstance(exc, Unavailable | RsyncNameBusy):
+        return exc
+    return Unavailable(f"the database failed: {type(exc).__name__}: {exc}")
+
+
+async def retrying(call: Callable[[], Awaitable[Any]], attempts: int = 3) -> Any:
+    """`call`, tried again after a short pause when the database was unavailable."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except Unavailable:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
+    return None

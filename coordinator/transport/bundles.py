@@ -1,0 +1,122 @@
+"""PUT/GET /api/v1/bundles/{rsync_name}: the built-in code sync, one content-addressed tar.gz per rsync_name."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+
+from coordinator.transport import keys
+from coordinator.transport.rpc import Tokens, presented_token
+from protocol.messages import Role
+
+RSYNC_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@+-]{0,254}$")
+MAX_BUNDLE_BYTES: Final = 2 * 1024**3
+CHUNK: Final = 256 * 1024
+
+
+class Bundles:
+    """Where bundles live on the coordinator's disk."""
+
+    def __init__(self, directory: Path, max_bytes: int = MAX_BUNDLE_BYTES) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, rsync_name: str) -> Path:
+        return self.directory / f"{rsync_name}.tar.gz"
+
+    def publish(self, rsync_name: str, upload: Path, sha: str) -> None:
+        """Make an upload the bundle of `rsync_name`: the file first, then the marker that names it."""
+        os.replace(upload, self.path(rsync_name))
+        marker_tmp = self.directory / f".{rsync_name}.sha256.part"
+        marker_tmp.write_text(sha)
+        os.replace(marker_tmp, self.directory / f"{rsync_name}.sha256")
+
+    def sha256(self, rsync_name: str) -> str | None:
+        marker = self.directory / f"{rsync_name}.sha256"
+        try:
+            return marker.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _name(request: web.Request) -> str | None:
+    name = request.match_info["rsync_name"]
+    return name if RSYNC_NAME.match(name) and name not in (".", "..") else None
+
+
+def _allowed(request: web.Request, roles: set[Role]) -> bool:
+    tokens: Tokens = request.app[keys.TOKENS]
+    return bool(tokens.roles_for(presented_token(request)) & roles)
+
+
+async def put_bundle(request: web.Request) -> web.StreamResponse:
+    """Store the uploaded tar.gz; the reply names its sha256."""
+    if not _allowed(request, {Role.CLIENT}):
+        return web.json_response({"error": "uploading a bundle needs the client token"}, status=401)
+    name = _name(request)
+    if name is None:
+        return web.json_response({"error": "rsync_name must be a safe single path component"}, status=400)
+    bundles: Bundles = request.app[keys.BUNDLES]
+    if request.content_length is not None and request.content_length > bundles.max_bytes:
+        return web.json_response({"error": f"a bundle may have at most {bundles.max_bytes} bytes"}, status=413)
+    digest = hashlib.sha256()
+    size = 0
+    fd, tmp_name = tempfile.mkstemp(dir=bundles.directory, prefix=f".{name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in request.content.iter_chunked(CHUNK):
+                size += len(chunk)
+                if size > bundles.max_bytes:
+                    return web.json_response(
+                        {"error": f"a bundle may have at most {bundles.max_bytes} bytes"}, status=413
+                    )
+                digest.update(chunk)
+                await asyncio.to_thread(out.write, chunk)
+        if size == 0:
+            return web.json_response({"error": "the bundle is empty"}, status=400)
+        sha = digest.hexdigest()
+        await asyncio.to_thread(bundles.publish, name, tmp, sha)
+        return web.json_response({"rsync_name": name, "sha256": sha, "bytes": size}, headers={"ETag": f'"{sha}"'})
+    finally:
+        await asyncio.to_thread(_remove, tmp)
+
+
+async def get_bundle(request: web.Request) -> web.StreamResponse:
+    """The bundle, with its sha256 as ETag; 304 when the caller has it already."""
+    if not _allowed(request, {Role.CLIENT, Role.WORKER}):
+        return web.json_response({"error": "reading a bundle needs the worker or client token"}, status=401)
+    name = _name(request)
+    if name is None:
+        return web.json_response({"error": "rsync_name must be a safe single path component"}, status=400)
+    bundles: Bundles = request.app[keys.BUNDLES]
+    sha = await asyncio.to_thread(bundles.sha256, name)
+    path = bundles.path(name)
+    if sha is None:
+        return web.json_response({"error": f"no bundle for {name!r}"}, status=404)
+    etag = f'"{sha}"'
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"ETag": etag})
+    if request.method == "HEAD":
+        size = (await asyncio.to_thread(path.stat)).st_size
+        return web.Response(headers={"ETag": etag, "Content-Length": str(size)})
+    return web.FileResponse(path, headers={"ETag": etag, "Content-Type": "application/gzip"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_put("/api/v1/bundles/{rsync_name}", put_bundle)
+    app.router.add_get("/api/v1/bundles/{rsync_name}", get_bundle, allow_head=True)

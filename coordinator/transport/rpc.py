@@ -1,0 +1,186 @@
+"""JSON-RPC over /ws and POST /rpc: decoding, roles, dispatch to the runtime, and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+
+from coordinator.core import errors as core_errors
+from coordinator.runtime.coordinator import Coordinator
+from coordinator.runtime.hub import Connection
+from coordinator.transport import keys
+from protocol import codec as wire
+from protocol import errors as perr
+from protocol.messages import COORDINATOR_METHODS, Role
+
+log = structlog.get_logger("testfleet.rpc")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Role tokens; a role without a token is open to everyone."""
+
+    viewer: str | None = None
+    client: str | None = None
+    worker: str | None = None
+
+    def roles_for(self, presented: str | None) -> frozenset[Role]:
+        roles: set[Role] = set()
+        for role, token, grants in (
+            (Role.VIEWER, self.viewer, {Role.VIEWER}),
+            (Role.CLIENT, self.client, {Role.CLIENT, Role.VIEWER}),
+            (Role.WORKER, self.worker, {Role.WORKER, Role.VIEWER}),
+        ):
+            if token is None:
+                roles.add(role)
+            elif presented is not None and hmac.compare_digest(token.encode(), presented.encode()):
+                roles |= grants
+        return frozenset(roles)
+
+
+def presented_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[len("Bearer ") :].strip()
+    return request.query.get("token")
+
+
+def to_protocol_error(exc: BaseException, request_id: wire.RequestId = None) -> perr.ProtocolError:
+    """The JSON-RPC error a domain or protocol exception becomes."""
+    if isinstance(exc, perr.ProtocolError):
+        if exc.request_id is None:
+            exc.request_id = request_id
+        return exc
+    if isinstance(exc, core_errors.NotFound):
+        return perr.NotFound(exc.message, request_id=request_id)
+    if isinstance(exc, core_errors.Conflict):
+        return perr.Conflict(exc.message, request_id=request_id)
+    if isinstance(exc, core_errors.InvalidArgument):
+        return perr.InvalidParams(exc.message, request_id=request_id)
+    if isinstance(exc, core_errors.Unavailable):
+        correlation = uuid.uuid4().hex[:12]
+        log.error("rpc_unavailable", correlation_id=correlation, error=exc.message)
+        return perr.InternalError(
+            f"the store is unavailable, try again (correlation id {correlation})", request_id=request_id
+        )
+    correlation = uuid.uuid4().hex[:12]
+    log.error("rpc_internal_error", correlation_id=correlation, error=repr(exc), exc_info=exc)
+    return perr.InternalError(f"internal error (correlation id {correlation})", request_id=request_id)
+
+
+class Dispatcher:
+    """Turns one decoded request into a reply frame."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.metrics = coordinator.metrics
+
+    async def handle(
+        self,
+        request: wire.Request | wire.NotificationFrame,
+        codec: wire.Codec,
+        roles: frozenset[Role],
+        conn: Connection | None,
+    ) -> bytes | None:
+        """The encoded reply, or `None` for a notification."""
+        request_id = request.id if isinstance(request, wire.Request) else None
+        started = time.perf_counter()
+        method = request.method
+        try:
+            result = await self._call(request, codec, roles, conn)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            error = to_protocol_error(exc, request_id)
+            self.metrics.rpc_errors.labels(str(int(error.code))).inc()
+            if isinstance(request, wire.NotificationFrame):
+                return None
+            return wire.encode_error(error, codec, request_id)
+        finally:
+            if method in COORDINATOR_METHODS:
+                self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - started)
+        if isinstance(request, wire.NotificationFrame):
+            return None
+        return wire.encode_result(request_id, result, codec)
+
+    async def _call(
+        self,
+        request: wire.Request | wire.NotificationFrame,
+        codec: wire.Codec,
+        roles: frozenset[Role],
+        conn: Connection | None,
+    ) -> Any:
+        request_id = request.id if isinstance(request, wire.Request) else None
+        spec = wire.lookup(COORDINATOR_METHODS, request.method, request_id)
+        if not (spec.roles & roles):
+            raise perr.Unauthorized(f"{spec.name} needs the {' or '.join(sorted(spec.roles))} token")
+        if spec.ws_only and conn is None:
+            raise perr.WrongTransport(f"{spec.name} needs a /ws connection")
+        params = wire.decode_params(spec, request.params, codec, request_id)
+        return await self.coordinator.handlers[spec.name](conn, params)
+
+
+def codec_of_content_type(content_type: str) -> wire.Codec | None:
+    """msgpack for its media types, JSON for JSON and for the types plain HTTP tools send by default."""
+    base = content_type.split(";", maxsplit=1)[0].strip().lower()
+    if base in ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack"):
+        return wire.Codec.MSGPACK
+    if base in ("application/json", "", "text/plain", "application/x-www-form-urlencoded", "application/octet-stream"):
+        return wire.Codec.JSON
+    return None
+
+
+async def rpc_view(request: web.Request) -> web.StreamResponse:
+    """POST /rpc: one request or a batch, answered in the body's codec."""
+    dispatcher: Dispatcher = request.app[keys.DISPATCHER]
+    tokens: Tokens = request.app[keys.TOKENS]
+    codec = codec_of_content_type(request.content_type)
+    if codec is None:
+        return web.json_response({"error": f"unsupported content type {request.content_type!r}"}, status=415)
+    limit = wire.MAX_FRAME_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        return web.json_response({"error": f"the body exceeds {limit} bytes"}, status=413)
+    try:
+        body = await request.content.read(limit + 1)
+    except aiohttp.ClientPayloadError:
+        return web.json_response({"error": "the body could not be read"}, status=400)
+    if len(body) > limit:
+        return web.json_response({"error": f"the body exceeds {limit} bytes"}, status=413)
+    roles = tokens.roles_for(presented_token(request))
+    content_type = wire.CONTENT_TYPES[codec]
+
+    async def one(data: bytes | msgspec.Raw) -> bytes | None:
+        try:
+            frame = wire.decode_frame(data, codec)
+        except perr.ProtocolError as exc:
+            return wire.encode_error(exc, codec)
+        if isinstance(frame, wire.Response):
+            return wire.encode_error(perr.InvalidRequest("a response is not a request", request_id=frame.id), codec)
+        return await dispatcher.handle(frame, codec, roles, None)
+
+    try:
+        batch = wire.decode_batch(body, codec) if wire.is_batch(body, codec) else None
+    except perr.ProtocolError as exc:
+        return web.Response(body=wire.encode_error(exc, codec), content_type=content_type)
+    if batch is None:
+        reply = await one(body)
+        if reply is None:
+            return web.Response(status=204)
+        return web.Response(body=reply, content_type=content_type)
+    replies = [r for r in [await one(item) for item in batch] if r is not None]
+    if not replies:
+        return web.Response(status=204)
+    if codec is wire.Codec.JSON:
+        payload = b"[" + b",".join(replies) + b"]"
+    else:
+        payload = wire.encode([msgspec.Raw(r) for r in replies], codec)
+    return web.Response(body=payload, content_type=content_type)

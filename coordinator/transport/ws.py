@@ -1,0 +1,103 @@
+"""GET /ws: a JSON-RPC peer per connection, requests answered concurrently, frames sent through its outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from coordinator.runtime.hub import Connection
+from coordinator.transport import keys
+from coordinator.transport.rpc import Dispatcher, Tokens, presented_token
+from protocol import codec as wire
+from protocol import errors as perr
+
+log = structlog.get_logger("testfleet.ws")
+
+MAX_INFLIGHT = 1024
+
+
+async def ws_view(request: web.Request) -> web.StreamResponse:
+    dispatcher: Dispatcher = request.app[keys.DISPATCHER]
+    tokens: Tokens = request.app[keys.TOKENS]
+    ws = web.WebSocketResponse(
+        protocols=tuple(wire.SUBPROTOCOLS),
+        max_msg_size=wire.MAX_FRAME_BYTES,
+        heartbeat=20.0,
+        compress=False,
+    )
+    await ws.prepare(request)
+    codec = wire.SUBPROTOCOLS.get(ws.ws_protocol or "", wire.Codec.JSON)
+    conn = Connection(tokens.roles_for(presented_token(request)), codec)
+    coordinator = dispatcher.coordinator
+    coordinator.hub.add(conn)
+    metrics = coordinator.metrics
+    metrics.connections.labels("all").inc()
+    inflight: set[asyncio.Task[None]] = set()
+    slots = asyncio.Semaphore(MAX_INFLIGHT)
+
+    async def writer() -> None:
+        binary = codec is wire.Codec.MSGPACK
+        while True:
+            frame = await conn.outbox.get()
+            if frame is None or ws.closed:
+                return
+            try:
+                if binary:
+                    await ws.send_bytes(frame)
+                else:
+                    await ws.send_str(frame.decode())
+            except (ConnectionError, RuntimeError):
+                conn.close()
+                return
+
+    def close_socket() -> None:
+        if not ws.closed:
+            coordinator.spawn(ws.close(code=1008, message=b"outbox full"), f"close-{conn.id}")
+
+    conn.on_close = close_socket
+
+    async def answer(frame: wire.Request | wire.NotificationFrame) -> None:
+        try:
+            reply = await dispatcher.handle(frame, codec, conn.roles, conn)
+            if reply is not None:
+                conn.send(reply)
+        finally:
+            slots.release()
+
+    writer_task = asyncio.create_task(writer(), name=f"ws-writer-{conn.id}")
+    try:
+        async for msg in ws:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                data = msg.data.encode() if isinstance(msg.data, str) else msg.data
+                try:
+                    frame = wire.decode_frame(data, codec)
+                except perr.ProtocolError as exc:
+                    conn.send(wire.encode_error(exc, codec))
+                    continue
+                if isinstance(frame, wire.Response):
+                    conn.deliver(frame)
+                    continue
+                await slots.acquire()
+                task = asyncio.create_task(answer(frame))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            elif msg.type is WSMsgType.ERROR:
+                log.info("ws_error", connection=conn.id, error=str(ws.exception()))
+                break
+    finally:
+        for task in list(inflight):
+            task.cancel()
+        for task in list(inflight):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        conn.close()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer_task
+        metrics.connections.labels("all").dec()
+        await asyncio.shield(coordinator.connection_closed(conn))
+        if not ws.closed:
+            await ws.close()
+    return ws

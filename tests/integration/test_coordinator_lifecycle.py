@@ -1,0 +1,298 @@
+"""The coordinator over real WebSockets and HTTP on a real database: lifecycles, verdicts, leases, notifications."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from coordinator.runtime.coordinator import RuntimeSettings
+from tests.integration.coord import RpcError, new_taskset, run_trial, running_coordinator, task
+
+
+async def test_full_lifecycle_passes_and_notifies(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as listener, h.client() as slave:
+        ref = await new_taskset(h, [task("tests/test_a.py"), task("tests/test_b.py")])
+        assert ref[0] == "taskset"
+        await listener.call("listen_to_taskset", ref)
+        slave_ref = await slave.call("create_slave", "w1-slave-1", ref)
+        assert slave_ref[0] == "slave"
+        for _ in range(2):
+            await run_trial(slave, ref, slave_ref)
+        assert await h.call("query_taskset_status", ref) == "succeeded"
+        summary = await h.call("query_taskset_summary", ref)
+        assert summary["status"] == "succeeded"
+        assert (summary["task_count"], summary["passed_count"], summary["failed_count"]) == (2, 2, 0)
+        assert summary["finished_at"].endswith("Z")
+        assert await slave.call("dequeue_task", ref) is None
+        notes = await listener.drain()
+        methods = [name for name, _ in notes]
+        assert methods.count("trial_created") == 2
+        assert methods.count("trial_updated") == 2
+        assert "slave_created" in methods
+        finished = [p for name, p in notes if name == "taskset_updated" and p[2].get("status") == "succeeded"]
+        assert len(finished) == 1
+        assert methods.index("trial_created") < methods.index("trial_updated")
+        trial_updated = next(p for name, p in notes if name == "trial_updated")
+        assert trial_updated[4] == "passed" and trial_updated[5:] == [1, 0, 0]
+
+
+async def test_retry_then_pass_wins_and_failed_after_max_trials(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as slave:
+        ref = await new_taskset(h, [task("tests/test_flaky.py"), task("tests/test_bad.py")], max_trials=2)
+        slave_ref = await slave.call("create_slave", "s1", ref)
+        outcomes: dict[str, list[str]] = {}
+        for _ in range(4):
+            task_ref, path, _, _ = await slave.call("dequeue_task", ref)
+            trial = await slave.call("create_trial", task_ref, slave_ref)
+            await slave.call("start_trial", trial)
+            tries = outcomes.setdefault(path, [])
+            status = "passed" if path.endswith("flaky.py") and tries else "failed"
+            tries.append(status)
+            await slave.call("finish_trial", trial, status, "out", "err", 0, 0, 1)
+        assert outcomes == {"tests/test_flaky.py": ["failed", "passed"], "tests/test_bad.py": ["failed", "failed"]}
+        assert await h.call("query_taskset_status", ref) == "failed"
+        status, body = await h.get(f"/api/v1/tasksets/{ref[1]}/tasks")
+        assert status == 200
+        by_path = {t["spec_path"]: t for t in body["tasks"]}
+        assert by_path["tests/test_flaky.py"]["status"] == "passed"
+        assert by_path["tests/test_bad.py"]["status"] == "failed"
+        assert by_path["tests/test_bad.py"]["trial_count"] == 2
+
+
+async def test_pending_and_finish_trial_is_idempotent(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as slave:
+        ref = await new_taskset(h, [task("tests/test_skip.py")])
+        slave_ref = await slave.call("create_slave", "s1", ref)
+        _, trial = await run_trial(slave, ref, slave_ref, status="pending")
+        await slave.call("finish_trial", trial, "failed", "again", "", 0, 0, 1)
+        status, body = await h.get(f"/api/v1/trials/{trial[1]}")
+        assert status == 200
+        assert body["status"] == "pending" and body["stdout"] == "ok"
+        summary = await h.call("query_taskset_summary", ref)
+        assert summary["status"] == "succeeded" and summary["pending_count"] == 1
+
+
+async def test_longest_expected_first_from_history(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as slave:
+        # No history: the soft timeout orders them.
+        ref = await new_taskset(h, [task("a.py", soft=10), task("b.py", soft=30), task("c.py", soft=20)])
+        slave_ref = await slave.call("create_slave", "s1", ref)
+        order = []
+        for _ in range(3):
+            task_ref, path, _, _soft = await slave.call("dequeue_task", ref)
+            order.append(path)
+            trial = await slave.call("create_trial", task_ref, slave_ref)
+            await slave.call("start_trial", trial)
+            if path == "a.py":
+                await asyncio.sleep(1.1)  # a.py's history: the longest
+            await slave.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+        assert order == ["b.py", "c.py", "a.py"]
+        assert await h.call("query_spec_average_sec", "proj", "sha-a.py") == 1
+        assert await h.call("query_spec_average_sec", "proj", "unknown") is None
+        assert await h.call("query_spec_average_secs", "proj", ["sha-a.py", "sha-b.py", "x"]) == [1, 0, None]
+        ref2 = await new_taskset(
+            h, [task("a.py", soft=10), task("b.py", soft=30), task("c.py", soft=20)], rsync_name="bob"
+        )
+        slave2 = await slave.call("create_slave", "s2", ref2)
+        _, first, _, _ = await slave.call("dequeue_task", ref2)
+        assert first == "a.py"
+        del slave2
+
+
+async def test_lease_returns_when_connection_closes(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [task("only.py")])
+        async with h.client() as first:
+            await first.call("create_slave", "s1", ref)
+            leased = await first.call("dequeue_task", ref)
+            assert leased[1] == "only.py"
+        async with h.client() as second:
+            await second.call("create_slave", "s2", ref)
+            again = await second.call("dequeue_task", ref, timeout=5)
+            assert again[0] == leased[0]
+
+
+async def test_dequeue_waits_and_wakes_on_requeue(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as a, h.client() as b:
+        ref = await new_taskset(h, [task("x.py")], max_trials=2)
+        sa = await a.call("create_slave", "sa", ref)
+        sb = await b.call("create_slave", "sb", ref)
+        task_ref, *_ = await a.call("dequeue_task", ref)
+        trial = await a.call("create_trial", task_ref, sa)
+        await a.call("start_trial", trial)
+        waiting = asyncio.create_task(b.call("dequeue_task", ref, timeout=10))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await a.call("finish_trial", trial, "failed", "", "", 0, 0, 1)
+        got = await waiting
+        assert got[0] == task_ref
+        trial2 = await b.call("create_trial", task_ref, sb)
+        await b.call("finish_trial", trial2, "passed", "", "", 1, 0, 0)
+        assert await h.call("query_taskset_status", ref) == "succeeded"
+
+
+async def test_retry_prefers_a_slave_that_has_not_tried(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as a:
+        ref = await new_taskset(h, [task("big.py", soft=50), task("small.py", soft=5)], max_trials=3)
+        sa = await a.call("create_slave", "sa", ref)
+        big, path, _, _ = await a.call("dequeue_task", ref)
+        assert path == "big.py"
+        trial = await a.call("create_trial", big, sa)
+        await a.call("finish_trial", trial, "failed", "", "", 0, 0, 1)
+        # big.py is back at the head, but this slave tried it: it gets small.py first.
+        _, path2, _, _ = await a.call("dequeue_task", ref)
+        assert path2 == "small.py"
+
+
+async def test_reversed_enqueue_returns_task_to_head(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as a:
+        ref = await new_taskset(h, [task("one.py", soft=9), task("two.py", soft=1)])
+        await a.call("create_slave", "sa", ref)
+        first = await a.call("dequeue_task", ref)
+        await a.call("reversed_enqueue_task", first[0])
+        again = await a.call("dequeue_task", ref)
+        assert again[0] == first[0]
+
+
+async def test_cancel_and_fail_are_idempotent_and_final(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as a, h.client() as g:
+        await g.call("listen_to_global")
+        ref = await new_taskset(h, [task("a.py")])
+        await a.call("create_slave", "sa", ref)
+        waiting_ref = await new_taskset(h, [task("b.py")], rsync_name="other", dispatch=False)
+        await h.call("cancel_taskset", ref)
+        await h.call("cancel_taskset", ref)
+        await h.call("fail_taskset", ref)
+        assert await h.call("query_taskset_status", ref) == "cancelled"
+        assert await a.call("dequeue_task", ref) is None
+        await h.call("fail_taskset", waiting_ref)
+        assert await h.call("query_taskset_status", waiting_ref) == "failed"
+        await h.call("dispatch_taskset", waiting_ref)
+        assert await h.call("query_taskset_status", waiting_ref) == "failed"
+        assert await h.call("active_tasksets") == []
+        notes = await g.drain()
+        created = [p for n, p in notes if n == "taskset_created"]
+        assert [p[1] for p in created] == [ref, waiting_ref]
+        assert created[0][3:] == ["alice", "default", "proj"]
+        statuses = [(p[1][1], p[2].get("status")) for n, p in notes if n == "taskset_updated" and "status" in p[2]]
+        assert (ref[1], "cancelled") in statuses and statuses.count((ref[1], "cancelled")) == 1
+
+
+async def test_rsync_name_conflict_and_cancel_user(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [task("a.py")], dispatch=False)
+        with pytest.raises(RpcError) as exc:
+            await new_taskset(h, [task("a.py")])
+        assert exc.value.code == -32009 and "alice" in exc.value.message
+        await h.call("cancel_user_taskset", "alice")
+        assert await h.call("query_taskset_status", ref) == "cancelled"
+        ref2 = await new_taskset(h, [task("a.py")])
+        assert ref2 != ref and await h.call("active_tasksets") == [ref2]
+
+
+async def test_empty_taskset_succeeds_on_dispatch(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [])
+        assert await h.call("query_taskset_status", ref) == "succeeded"
+
+
+async def test_slave_lost_after_grace_retries_its_file(database_url: str, tmp_path: Path) -> None:
+    settings = RuntimeSettings(slave_grace_s=0.5)
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h, h.client() as other:
+        ref = await new_taskset(h, [task("a.py")])
+        async with h.client() as doomed:
+            s1 = await doomed.call("create_slave", "doomed", ref)
+            task_ref, *_ = await doomed.call("dequeue_task", ref)
+            trial = await doomed.call("create_trial", task_ref, s1)
+            await doomed.call("current_trial", s1, trial)
+            await doomed.call("start_trial", trial)
+        s2 = await other.call("create_slave", "other", ref)
+        again = await other.call("dequeue_task", ref, timeout=5)
+        assert again[0] == task_ref
+        t2 = await other.call("create_trial", again[0], s2)
+        await other.call("finish_trial", t2, "passed", "", "", 1, 0, 0)
+        _, trial_body = await h.get(f"/api/v1/trials/{trial[1]}")
+        assert trial_body["status"] == "error"
+        _, slaves = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
+        assert {s["name"]: s["status"] for s in slaves["slaves"]} == {"doomed": "failure_exit", "other": None}
+        assert await h.call("query_taskset_status", ref) == "succeeded"
+
+
+async def test_slave_rebinding_within_grace_keeps_its_trial(database_url: str, tmp_path: Path) -> None:
+    settings = RuntimeSettings(slave_grace_s=1.0)
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h:
+        ref = await new_taskset(h, [task("a.py")])
+        async with h.client() as first:
+            s1 = await first.call("create_slave", "s1", ref)
+            task_ref, *_ = await first.call("dequeue_task", ref)
+            trial = await first.call("create_trial", task_ref, s1)
+            await first.call("start_trial", trial)
+        async with h.client() as back:
+            await back.call("current_trial", s1, trial)
+            await asyncio.sleep(1.5)
+            await back.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+            _, body = await h.get(f"/api/v1/trials/{trial[1]}")
+            assert body["status"] == "passed"
+            assert await h.call("query_taskset_status", ref) == "succeeded"
+
+
+async def test_force_finish_slave_ends_trials_as_timeout(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as a:
+        ref = await new_taskset(h, [task("hang.py")], max_trials=1)
+        s1 = await a.call("create_slave", "hanger", ref)
+        task_ref, *_ = await a.call("dequeue_task", ref)
+        trial = await a.call("create_trial", task_ref, s1)
+        await a.call("start_trial", trial)
+        await h.call("force_finish_slave", "hanger", "timeout_exit")
+        await h.call("force_finish_slave", "hanger", "timeout_exit")
+        _, body = await h.get(f"/api/v1/trials/{trial[1]}")
+        assert body["status"] == "timeout"
+        assert await h.call("query_taskset_status", ref) == "failed"
+        with pytest.raises(RpcError) as exc:
+            await h.call("force_finish_slave", "nobody", "failure_exit")
+        assert exc.value.code == -32004
+
+
+async def test_speculation_duplicates_a_straggler_once(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as a, h.client() as b:
+        ref = await new_taskset(h, [task("slow.py", soft=1)])
+        sa = await a.call("create_slave", "sa", ref)
+        sb = await b.call("create_slave", "sb", ref)
+        task_ref, *_ = await a.call("dequeue_task", ref)
+        trial_a = await a.call("create_trial", task_ref, sa)
+        await a.call("start_trial", trial_a)
+        # Expected 1 s (the soft timeout, no history): after that b gets a duplicate.
+        dup = await b.call("dequeue_task", ref, timeout=5)
+        assert dup[0] == task_ref
+        trial_b = await b.call("create_trial", task_ref, sb)
+        await b.call("finish_trial", trial_b, "passed", "", "", 1, 0, 0)
+        assert await h.call("query_taskset_status", ref) == "succeeded"
+        await a.call("finish_trial", trial_a, "failed", "", "", 0, 0, 1)
+        summary = await h.call("query_taskset_summary", ref)
+        assert summary["passed_count"] == 1 and summary["failed_count"] == 0
+
+
+async def test_worker_log_lifecycle_moves_taskset_to_running(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as listener:
+        ref = await new_taskset(h, [task("a.py")])
+        await listener.call("listen_to_taskset", ref)
+        log_ref = await h.call("create_worker_log", "w1", ref)
+        assert await h.call("create_worker_log", "w1", ref) == log_ref
+        assert await h.call("query_taskset_status", ref) == "running"
+        await h.call("append_worker_log_log", log_ref, "hello\n")
+        for method in ("set_rsync_finished_time", "set_setup_finished_time", "set_rspec_finished_time"):
+            await h.call(method, log_ref)
+        await h.call("finish_worker_log", log_ref)
+        await h.call("finish_worker_log", log_ref)
+        _, body = await h.get(f"/api/v1/tasksets/{ref[1]}/worker_logs")
+        (log,) = body["worker_logs"]
+        assert log["log"] == "hello\n" and log["worker_name"] == "w1"
+        assert all(log[k] for k in ("rsync_finished_at", "setup_finished_at", "rspec_finished_at", "finished_at"))
+        notes = await listener.drain()
+        names = [n for n, _ in notes]
+        assert names[0] == "worker_log_created"
+        appended = [p for n, p in notes if n == "worker_log_updated" and "log_appended" in p[2]]
+        assert appended[0][2] == {"log_appended": "hello\n"}
+        assert sum(1 for n, p in notes if n == "worker_log_updated" and "finished_at" in p[2]) == 1

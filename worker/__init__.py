@@ -1,0 +1,1 @@
+"""`testfleet worker`: the daemon that syncs code, runs setup and keeps N slaves busy."""

@@ -1,0 +1,1 @@
+"""What runs inside a slave process: the queue-driven pytest plugin and the per-file command runner."""
