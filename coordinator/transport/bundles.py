@@ -114,7 +114,21 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         size = (await asyncio.to_thread(path.stat)).st_size
         return web.Response(headers={"ETag": etag, "Content-Length": str(size)})
-    return web.FileResponse(path, headers={"ETag": etag, "Content-Type": "application/gzip"})
+    try:
+        handle = await asyncio.to_thread(path.open, "rb")
+    except FileNotFoundError:
+        return web.json_response({"error": f"no bundle for {name!r}"}, status=404)
+    try:
+        size = (await asyncio.to_thread(os.fstat, handle.fileno())).st_size
+        response = web.StreamResponse(headers={"ETag": etag, "Content-Type": "application/gzip"})
+        response.content_length = size
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(handle.read, CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        await asyncio.to_thread(handle.close)
 
 
 def add_routes(app: web.Application) -> None:

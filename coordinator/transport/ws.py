@@ -85,7 +85,11 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
             elif msg.type is WSMsgType.ERROR:
-                log.info("ws_error", connection=conn.id, error=str(ws.exception()))
+                error = ws.exception()
+                log.info("ws_error", connection=conn.id, error=str(error))
+                code = getattr(error, "code", None)
+                if isinstance(code, int) and not ws.closed:
+                    await ws.close(code=code, message=b"frame too large" if code == 1009 else b"")
                 break
     finally:
         for task in list(inflight):

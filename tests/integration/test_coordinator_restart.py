@@ -1,0 +1,62 @@
+"""A coordinator stopped mid-taskset and started again on the same database loses and double-counts nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coordinator.runtime.coordinator import RuntimeSettings
+from tests.integration.coord import new_taskset, running_coordinator, task
+
+
+async def test_restart_mid_taskset_finishes_with_nothing_lost(database_url: str, tmp_path: Path) -> None:
+    settings = RuntimeSettings(slave_grace_s=1.0)
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h, h.client() as c:
+        ref = await new_taskset(h, [task(f"t{i}.py") for i in range(4)], max_trials=2)
+        s1 = await c.call("create_slave", "s1", ref)
+        s2 = await c.call("create_slave", "s2", ref)
+        log_ref = await c.call("create_worker_log", "w1", ref)
+        done, *_ = await c.call("dequeue_task", ref)
+        t_done = await c.call("create_trial", done, s1)
+        await c.call("start_trial", t_done)
+        await c.call("finish_trial", t_done, "passed", "", "", 1, 0, 0)
+        running, *_ = await c.call("dequeue_task", ref)
+        t_running = await c.call("create_trial", running, s1)
+        await c.call("current_trial", s1, t_running)
+        await c.call("start_trial", t_running)
+        orphan, *_ = await c.call("dequeue_task", ref)
+        t_orphan = await c.call("create_trial", orphan, s2)
+        await c.call("current_trial", s2, t_orphan)
+        await c.call("start_trial", t_orphan)
+        leased, *_ = await c.call("dequeue_task", ref)  # a lease is not durable: it goes back to the queue
+
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h, h.client() as c:
+        assert await h.call("query_taskset_status", ref) == "running"
+        await c.call("current_trial", s1, t_running)  # s1 re-binds; s2 never comes back
+        # Re-sent calls after a lost reply are harmless.
+        assert await c.call("create_slave", "s1", ref) == s1
+        assert await c.call("create_worker_log", "w1", ref) == log_ref
+        await c.call("finish_trial", t_done, "failed", "", "", 0, 0, 1)
+        await c.call("finish_trial", t_running, "passed", "", "", 2, 0, 0)
+        seen = set()
+        while True:
+            item = await c.call("dequeue_task", ref, timeout=10)
+            if item is None:
+                break
+            seen.add(item[1])
+            trial = await c.call("create_trial", item[0], s1)
+            await c.call("start_trial", trial)
+            await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+        summary = await h.call("query_taskset_summary", ref)
+        assert summary["status"] == "succeeded"
+        assert summary["passed_count"] == 4 and summary["failed_count"] == 0
+        _, body = await h.get(f"/api/v1/tasksets/{ref[1]}/tasks")
+        trials = {t["id"]: t for task_ in body["tasks"] for t in task_["trials"]}
+        assert trials[t_done[1]]["status"] == "passed"  # the repeat did not change it
+        assert trials[t_running[1]]["status"] == "passed"
+        assert trials[t_orphan[1]]["status"] == "error"  # lost with s2 after the grace
+        by_task = {t["id"]: t for t in body["tasks"]}
+        assert by_task[orphan[1]]["status"] == "passed" and by_task[orphan[1]]["trial_count"] == 2
+        assert by_task[leased[1]]["trial_count"] == 1
+        assert by_task[done[1]]["trial_count"] == 1
+        _, slaves = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
+        assert {s["name"]: s["status"] for s in slaves["slaves"]}["s2"] == "failure_exit"

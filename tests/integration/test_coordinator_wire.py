@@ -1,0 +1,206 @@
+"""Bad input over /ws and /rpc gets its JSON-RPC error and the connection stays open; tokens, codecs, read API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+
+from coordinator.transport.rpc import Tokens
+from tests.integration.coord import RpcError, new_taskset, running_coordinator, task
+
+
+async def test_malformed_frames_get_errors_and_connection_stays_open(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        bad = await c.raw("{not json")
+        assert bad["error"]["code"] == -32700 and bad["id"] is None
+        bad = await c.raw("[1, 2]")
+        assert bad["error"]["code"] == -32600
+        bad = await c.raw({"jsonrpc": "1.0", "id": 5, "method": "active_tasksets"})
+        assert bad["error"]["code"] == -32600 and bad["id"] == 5
+        bad = await c.raw({"jsonrpc": "2.0", "id": 6, "method": "no_such_method", "params": []})
+        assert bad["error"]["code"] == -32601 and bad["id"] == 6
+        cases = [
+            ("dequeue_task", [["task", 1]]),  # wrong ref kind
+            ("dequeue_task", [["taskset", 0]]),  # id out of range
+            ("dequeue_task", []),  # too few
+            ("dequeue_task", [["taskset", 1], 2]),  # too many
+            ("query_taskset_status", {"taskset_ref": ["taskset", 1]}),  # named params
+            ("create_taskset", ["a", "", "", "default", "c", 0, 1, []]),  # max_workers < 1
+            ("create_taskset", ["a", "", "", "default", "c", 1, 0, []]),  # max_trials < 1
+            ("create_taskset", ["a", "", "", "default", "c", 1, 1, [["x.py", "s", 0, 0]]]),  # timeout < 1
+            ("create_taskset", ["a", "", "", "default", "c", 1, 1, [["x.py", "s", 5, 9]]]),  # soft > hard
+            ("create_taskset", ["a", "", "", "default", "c", 1, 1, [["/etc/x.py", "s", 9, 5]]]),
+            ("create_taskset", ["a", "", "", "default", "c", 1, 1, [["../x.py", "s", 9, 5]]]),
+            ("create_taskset", ["a", "", "", "default", "c", 1, 1, [["x.py", "s", 9, 5], ["x.py", "s", 9, 5]]]),
+            ("create_taskset", ["../evil", "", "", "default", "c", 1, 1, []]),  # unsafe rsync_name
+            ("create_taskset", ["a/b", "", "", "default", "c", 1, 1, []]),
+            ("finish_trial", [["trial", 1], "great", "", "", 0, 0, 0]),  # unknown status
+        ]
+        for index, (method, params) in enumerate(cases, start=10):
+            reply = await c.raw({"jsonrpc": "2.0", "id": index, "method": method, "params": params})
+            assert reply["error"]["code"] == -32602, (method, params, reply)
+            assert reply["id"] == index
+        for method, params in [
+            ("query_taskset_status", [["taskset", 999]]),
+            ("start_trial", [["trial", 999]]),
+            ("create_trial", [["task", 999], ["slave", 1]]),
+            ("append_worker_log_log", [["worker_log", 999], "x"]),
+            ("current_trial", [["slave", 999], None]),
+            ("listen_to_taskset", [["taskset", 999]]),
+        ]:
+            with pytest.raises(RpcError) as exc:
+                await c.call(method, *params)
+            assert exc.value.code == -32004, method
+            assert "999" in exc.value.message
+        # Still open and working.
+        assert await c.call("active_tasksets") == []
+
+
+async def test_oversized_frame_closes_with_1009(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        ws = await h.session.ws_connect(h.server.make_url("/ws"), max_msg_size=0)
+        frame = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "x", "params": ["a" * (8 * 1024 * 1024)]})
+        try:
+            await ws.send_str(frame)
+            msg = await ws.receive(timeout=10)
+        except (ConnectionError, aiohttp.ClientError):
+            msg = None  # the server cut the connection before our frame was fully written
+        if msg is not None and msg.type is aiohttp.WSMsgType.CLOSE:
+            assert ws.close_code == 1009
+        else:
+            assert msg is None or msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+        await ws.close()
+        # Only that connection ended; the coordinator serves the next one.
+        async with h.client() as c:
+            assert await c.call("active_tasksets") == []
+
+
+async def test_rpc_transport_rules(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        status, body = await h.rpc({"jsonrpc": "2.0", "id": 1, "method": "listen_to_global", "params": []})
+        assert status == 200 and body["error"]["code"] == -32010
+        status, body = await h.rpc(None, raw=b"{oops")
+        assert body["error"]["code"] == -32700
+        status, body = await h.rpc([])
+        assert body["error"]["code"] == -32600
+        status, body = await h.rpc({"jsonrpc": "2.0", "method": "active_tasksets", "params": []})
+        assert status == 204 and body is None
+        status, body = await h.rpc(
+            [
+                {"jsonrpc": "2.0", "id": "a", "method": "active_tasksets"},
+                {"jsonrpc": "2.0", "method": "active_tasksets"},
+                {"jsonrpc": "2.0", "id": "b", "method": "query_taskset_status", "params": [["taskset", 7]]},
+            ]
+        )
+        assert [r["id"] for r in body] == ["a", "b"]
+        assert body[0]["result"] == [] and body[1]["error"]["code"] == -32004
+        # msgpack over /rpc
+        payload = msgspec.msgpack.encode({"jsonrpc": "2.0", "id": 3, "method": "active_tasksets", "params": []})
+        async with h.session.post(
+            h.server.make_url("/rpc"), data=payload, headers={"Content-Type": "application/msgpack"}
+        ) as resp:
+            assert resp.status == 200 and resp.content_type == "application/msgpack"
+            assert msgspec.msgpack.decode(await resp.read()) == {"jsonrpc": "2.0", "id": 3, "result": []}
+
+
+async def test_msgpack_subprotocol(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [task("a.py")])
+        ws = await h.session.ws_connect(h.server.make_url("/ws"), protocols=("testfleet.v1.msgpack",))
+        assert ws.protocol == "testfleet.v1.msgpack"
+        await ws.send_bytes(
+            msgspec.msgpack.encode({"jsonrpc": "2.0", "id": 1, "method": "create_slave", "params": ["s1", ref]})
+        )
+        msg = await ws.receive(timeout=5)
+        assert msg.type is aiohttp.WSMsgType.BINARY
+        reply = msgspec.msgpack.decode(msg.data)
+        assert reply["result"][0] == "slave"
+        await ws.send_bytes(
+            msgspec.msgpack.encode({"jsonrpc": "2.0", "id": 2, "method": "dequeue_task", "params": [ref]})
+        )
+        reply = msgspec.msgpack.decode((await ws.receive(timeout=5)).data)
+        assert reply["result"][1:] == ["a.py", 60, 30]
+        await ws.close()
+
+
+async def test_role_tokens(database_url: str, tmp_path: Path) -> None:
+    tokens = Tokens(viewer="v-secret", client="c-secret", worker="w-secret")
+    async with running_coordinator(database_url, tmp_path, tokens=tokens) as h:
+        with pytest.raises(RpcError) as exc:
+            await h.call("active_tasksets")
+        assert exc.value.code == -32001
+        assert await h.call("active_tasksets", token="v-secret") == []
+        with pytest.raises(RpcError) as exc:
+            await h.call("create_taskset", "a", "", "", "d", "c", 1, 1, [], token="w-secret")
+        assert exc.value.code == -32001
+        ref = await h.call("create_taskset", "a", "", "", "d", "c", 1, 1, [], token="c-secret")
+        assert await h.call("query_taskset_status", ref, token="w-secret") == "rsync_waiting"
+        with pytest.raises(RpcError) as exc:
+            await h.call("create_worker_log", "w", ref, token="c-secret")
+        assert exc.value.code == -32001
+        assert (await h.get("/api/v1/tasksets"))[0] == 401
+        assert (await h.get("/api/v1/tasksets", token="v-secret"))[0] == 200
+        async with h.session.get(h.server.make_url("/api/v1/workers?token=v-secret")) as resp:
+            assert resp.status == 200
+
+
+async def test_read_api_and_errors(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        refs = [await new_taskset(h, [task("a.py")], rsync_name=f"user{i}", dispatch=False) for i in range(3)]
+        await h.call("cancel_taskset", refs[0])
+        status, body = await h.get("/api/v1/tasksets?limit=2")
+        assert status == 200 and [t["id"] for t in body["tasksets"]] == [refs[2][1], refs[1][1]]
+        status, body = await h.get(f"/api/v1/tasksets?before={refs[1][1]}")
+        assert [t["id"] for t in body["tasksets"]] == [refs[0][1]]
+        status, body = await h.get("/api/v1/tasksets?active=false")
+        assert [t["id"] for t in body["tasksets"]] == [refs[0][1]]
+        assert body["tasksets"][0]["task_count"] == 1 and body["tasksets"][0]["status"] == "cancelled"
+        for path in ("/api/v1/tasksets?active=maybe", "/api/v1/tasksets?limit=0", "/api/v1/tasksets?limit=x"):
+            assert (await h.get(path))[0] == 400, path
+        for path in (
+            "/api/v1/tasksets/999",
+            "/api/v1/tasksets/abc",
+            "/api/v1/tasksets/999/tasks",
+            "/api/v1/tasksets/999/slaves",
+            "/api/v1/tasksets/999/worker_logs",
+            "/api/v1/trials/999",
+            "/api/v1/trials/99999999999999999999999",
+        ):
+            status, body = await h.get(path)
+            assert status == 404 and "error" in body, path
+        status, body = await h.get(f"/api/v1/tasksets/{refs[1][1]}")
+        assert body["rsync_name"] == "user1" and body["status"] == "rsync_waiting"
+        status, doc = await h.get("/api/v1/openapi.json")
+        assert status == 200 and doc["openapi"].startswith("3.") and "/api/v1/trials/{id}" in doc["paths"]
+        status, health = await h.get("/healthz")
+        assert status == 200 and health["database"] is True
+        async with h.session.get(h.server.make_url("/metrics")) as resp:
+            text = await resp.text()
+        for name in ("testfleet_rpc_seconds", "testfleet_commit_seconds", "testfleet_connections"):
+            assert name in text
+
+
+async def test_bundles_round_trip(database_url: str, tmp_path: Path) -> None:
+    tokens = Tokens(client="c", worker="w")
+    async with running_coordinator(database_url, tmp_path, tokens=tokens) as h:
+        url = h.server.make_url("/api/v1/bundles/alice")
+        async with h.session.get(url, headers={"Authorization": "Bearer w"}) as resp:
+            assert resp.status == 404
+        async with h.session.put(url, data=b"bundle-bytes") as resp:
+            assert resp.status == 401
+        async with h.session.put(url, data=b"bundle-bytes", headers={"Authorization": "Bearer c"}) as resp:
+            assert resp.status == 200
+            sha = (await resp.json())["sha256"]
+        async with h.session.get(url, headers={"Authorization": "Bearer w"}) as resp:
+            assert resp.status == 200 and await resp.read() == b"bundle-bytes"
+            assert resp.headers["ETag"] == f'"{sha}"'
+        headers = {"Authorization": "Bearer w", "If-None-Match": f'"{sha}"'}
+        async with h.session.get(url, headers=headers) as resp:
+            assert resp.status == 304
+        bad = h.server.make_url("/api/v1/bundles/..evil%2F..")
+        async with h.session.put(bad, data=b"x", headers={"Authorization": "Bearer c"}) as resp:
+            assert resp.status in (400, 404)

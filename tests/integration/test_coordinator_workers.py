@@ -1,0 +1,109 @@
+"""Worker pushes: assign_taskset by worker_type up to max_workers, taskset_finished to the assigned only, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from coordinator.runtime.coordinator import RuntimeSettings
+from tests.integration.coord import Client, new_taskset, running_coordinator, task
+
+
+async def register(c: Client, name: str, worker_type: str = "default", ref: list[object] | None = None) -> None:
+    await c.call("current_taskset", name, worker_type, ref)
+
+
+async def test_dispatch_respects_max_workers_and_worker_type(database_url: str, tmp_path: Path) -> None:
+    async with (
+        running_coordinator(database_url, tmp_path) as h,
+        h.client() as w1,
+        h.client() as w2,
+        h.client() as w3,
+        h.client() as gpu,
+    ):
+        for c, name in ((w1, "w1"), (w2, "w2"), (w3, "w3")):
+            await register(c, name)
+        await register(gpu, "gpu1", "gpu")
+        for c in (w1, w2, w3, gpu):
+            query = await c.next_request("query_taskset")
+            await c.answer(query, None)
+        ref = await new_taskset(h, [task("a.py")], max_workers=2)
+        assigned = []
+        for c in (w1, w2, w3, gpu):
+            try:
+                request = await c.next_request("assign_taskset", timeout=1.5)
+            except TimeoutError:
+                continue
+            assert request["params"][0] == ref
+            assert request["params"][1:] == ["alice", "true", "testfleet slave", 3]
+            assigned.append(c)
+            await c.answer(request, None)
+        assert len(assigned) == 2 and gpu not in assigned
+        workers = await h.call("active_workers")
+        running = [w for w in workers if w[2] == ref]
+        assert len(running) == 2
+        assert ["gpu1", "gpu", None] in workers
+        # The workers' heartbeats say what they run; cancel → taskset_finished to those two only.
+        names = {id(w1): "w1", id(w2): "w2", id(w3): "w3"}
+        assert sorted(w[0] for w in running) == sorted(names[id(c)] for c in assigned)
+        for c in assigned:
+            await register(c, names[id(c)], "default", ref)
+        await h.call("cancel_taskset", ref)
+        for c in assigned:
+            finished = await c.next_request("taskset_finished")
+            assert finished["params"] == [ref]
+            await c.answer(finished, None)
+        idle = next(c for c in (w1, w2, w3) if c not in assigned)
+        with pytest.raises(TimeoutError):
+            await idle.next_request("taskset_finished", timeout=0.5)
+
+
+async def test_free_worker_gets_the_oldest_taskset_and_refusal_is_undone(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as w:
+        old = await new_taskset(h, [task("a.py")], rsync_name="first", max_workers=1)
+        await new_taskset(h, [task("a.py")], rsync_name="second", max_workers=1)
+        await register(w, "w1")
+        request = await w.next_request("assign_taskset")
+        assert request["params"][0] == old
+        await w.answer(request, error=(-32009, "busy"))
+        # Offered again after its refusal (it said it is free).
+        again = await w.next_request("assign_taskset", timeout=5)
+        assert again["params"][0] == old
+        await w.answer(again, None)
+        workers = await h.call("active_workers")
+        assert workers == [["w1", "default", old]]
+
+
+async def test_disconnected_worker_frees_its_slot(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [task("a.py")], max_workers=1)
+        async with h.client() as first:
+            await register(first, "w1")
+            await first.answer(await first.next_request("assign_taskset"), None)
+        async with h.client() as second:
+            await register(second, "w2")
+            request = await second.next_request("assign_taskset", timeout=5)
+            assert request["params"][0] == ref
+            await second.answer(request, None)
+
+
+async def test_silent_worker_is_dropped_after_missed_heartbeats(database_url: str, tmp_path: Path) -> None:
+    settings = RuntimeSettings(heartbeat_s=0.3, missed_heartbeats=3)
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h, h.client() as w:
+        await register(w, "quiet")
+        assert [x[0] for x in await h.call("active_workers")] == ["quiet"]
+        await asyncio.sleep(1.6)
+        assert await h.call("active_workers") == []
+
+
+async def test_query_taskset_answer_wins_over_claim(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as w:
+        ref = await new_taskset(h, [task("a.py")], max_workers=1)
+        await register(w, "w1", "default", ref)
+        query = await w.next_request("query_taskset")
+        await w.answer(query, None)  # it actually runs nothing
+        request = await w.next_request("assign_taskset", timeout=5)
+        assert request["params"][0] == ref
+        await w.answer(request, None)

@@ -1,0 +1,223 @@
+"""The pure core as tables: transitions, verdicts, queue order, leases, speculation, dispatch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+import pytest
+
+from coordinator.core.dispatch import Assignment, Opening, plan_assignments
+from coordinator.core.errors import IllegalTransition, InvalidArgument
+from coordinator.core.states import Verdict, decide_task, taskset_verdict, transition
+from coordinator.core.taskset import WAIT, SlaveState, TasksetModel, TaskState, check_tasks, truncate_output
+from protocol.messages import DequeuedTask, TasksetUpdated, TaskUpdated
+from protocol.types import SlaveStatus, TasksetStatus, TaskStatus, TrialStatus
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+P, PE, F, E, TO, R = (
+    TrialStatus.PASSED,
+    TrialStatus.PENDING,
+    TrialStatus.FAILED,
+    TrialStatus.ERROR,
+    TrialStatus.TIMEOUT,
+    None,
+)
+
+
+@pytest.mark.parametrize(
+    ("trials", "max_trials", "verdict"),
+    [
+        ([P], 3, Verdict.PASSED),
+        ([F, F, P], 3, Verdict.PASSED),  # a pass wins over earlier failures
+        ([F, P, R], 3, Verdict.PASSED),
+        ([PE], 3, Verdict.PENDING),
+        ([F, PE], 3, Verdict.PENDING),
+        ([P, PE], 3, Verdict.PASSED),
+        ([F], 1, Verdict.FAILED),
+        ([F, E, TO], 3, Verdict.FAILED),
+        ([F], 3, Verdict.REQUEUE),
+        ([F, E], 3, Verdict.REQUEUE),
+        ([F, R], 3, Verdict.REQUEUE),  # running trials count toward max_trials
+        ([F, R], 2, Verdict.WAIT),  # a running trial blocks the failed verdict
+        ([F, F, R], 2, Verdict.WAIT),
+        ([F, F, R], 3, Verdict.WAIT),
+        ([], 3, Verdict.REQUEUE),
+    ],
+)
+def test_decide_task(trials: list[TrialStatus | None], max_trials: int, verdict: Verdict) -> None:
+    assert decide_task(trials, max_trials) is verdict
+
+
+@pytest.mark.parametrize(
+    ("tasks", "status"),
+    [
+        ([TaskStatus.PASSED, TaskStatus.PENDING], TasksetStatus.SUCCEEDED),
+        ([TaskStatus.PASSED, TaskStatus.FAILED], TasksetStatus.FAILED),
+        ([TaskStatus.PASSED, None], None),
+        ([], TasksetStatus.SUCCEEDED),
+    ],
+)
+def test_taskset_verdict(tasks: list[TaskStatus | None], status: TasksetStatus | None) -> None:
+    assert taskset_verdict(tasks) == status
+
+
+@pytest.mark.parametrize(
+    ("current", "target", "ok"),
+    [
+        (TasksetStatus.RSYNC_WAITING, TasksetStatus.WAITING, True),
+        (TasksetStatus.WAITING, TasksetStatus.RUNNING, True),
+        (TasksetStatus.RUNNING, TasksetStatus.SUCCEEDED, True),
+        (TasksetStatus.RUNNING, TasksetStatus.CANCELLED, True),
+        (TasksetStatus.RSYNC_WAITING, TasksetStatus.FAILED, True),
+        (TasksetStatus.RSYNC_WAITING, TasksetStatus.RUNNING, False),
+        (TasksetStatus.SUCCEEDED, TasksetStatus.FAILED, False),
+        (TasksetStatus.CANCELLED, TasksetStatus.RUNNING, False),
+        (TasksetStatus.FAILED, TasksetStatus.CANCELLED, False),
+    ],
+)
+def test_transitions(current: TasksetStatus, target: TasksetStatus, ok: bool) -> None:
+    if ok:
+        assert transition(current, target) is target
+    else:
+        with pytest.raises(IllegalTransition):
+            transition(current, target)
+
+
+def model(expected: list[float], max_trials: int = 3) -> TasksetModel:
+    m = TasksetModel(1, "r", "", "", "default", "c", 2, max_trials, TasksetStatus.WAITING, T0)
+    for i, exp in enumerate(expected):
+        m.add_task(TaskState(100 + i, i, f"t{i}.py", f"s{i}", 60, 30, exp))
+    m.fill_queue()
+    m.slaves[7] = SlaveState(7, "a")
+    m.slaves[8] = SlaveState(8, "b")
+    return m
+
+
+def ids() -> itertools.count[int]:
+    return itertools.count(1000)
+
+
+def test_longest_expected_first_and_retry_at_head() -> None:
+    m = model([1.0, 5.0, 3.0])
+    got = m.dequeue("conn", 7, T0)
+    assert isinstance(got, DequeuedTask) and got.spec_path == "t1.py"
+    new = ids()
+    ref, _ = m.create_trial(101, 7, lambda: next(new), T0)
+    fx = m.finish_trial(ref.id, TrialStatus.FAILED, "", "", (0, 0, 1), T0)
+    assert fx.woke and list(m.queue) == [101, 102, 100]
+    # Slave 7 tried t1: it is passed over for slave 7, handed to slave 8.
+    got7 = m.dequeue("conn", 7, T0)
+    assert isinstance(got7, DequeuedTask) and got7.spec_path == "t2.py"
+    got8 = m.dequeue("conn8", 8, T0)
+    assert isinstance(got8, DequeuedTask) and got8.spec_path == "t1.py"
+
+
+def test_only_tried_tasks_left_still_go_to_the_slave() -> None:
+    m = model([1.0])
+    new = ids()
+    m.dequeue("c", 7, T0)
+    ref, _ = m.create_trial(100, 7, lambda: next(new), T0)
+    m.finish_trial(ref.id, TrialStatus.FAILED, "", "", (0, 0, 1), T0)
+    again = m.dequeue("c", 7, T0)
+    assert isinstance(again, DequeuedTask) and again.task_ref.id == 100
+
+
+def test_leases_return_to_the_head() -> None:
+    m = model([1.0, 2.0])
+    first = m.dequeue("c", 7, T0)
+    assert isinstance(first, DequeuedTask)
+    assert m.dequeue("d", 8, T0) != first
+    fx = m.release_holder("c")
+    assert fx.woke and m.queue[0] == first.task_ref.id
+    assert m.release_holder("c").writes == []
+
+
+def test_wait_then_none_after_finish() -> None:
+    m = model([1.0])
+    new = ids()
+    m.dequeue("c", 7, T0)
+    ref, _ = m.create_trial(100, 7, lambda: next(new), T0)
+    assert m.dequeue("d", 8, T0) is WAIT
+    fx = m.finish_trial(ref.id, TrialStatus.PASSED, "", "", (1, 0, 0), T0)
+    assert fx.finished is TasksetStatus.SUCCEEDED
+    assert m.dequeue("d", 8, T0) is None
+    kinds = [type(n) for n in fx.notes]
+    assert TaskUpdated in kinds and TasksetUpdated in kinds
+
+
+def test_speculation_only_after_expected_and_once() -> None:
+    m = model([10.0])
+    new = ids()
+    m.dequeue("c", 7, T0)
+    ref, _ = m.create_trial(100, 7, lambda: next(new), T0)
+    m.start_trial(ref.id, T0)
+    assert m.dequeue("d", 8, T0 + dt.timedelta(seconds=5)) is WAIT
+    assert m.next_straggler_check(T0 + dt.timedelta(seconds=5)) == pytest.approx(5.0)
+    dup = m.dequeue("d", 8, T0 + dt.timedelta(seconds=11))
+    assert isinstance(dup, DequeuedTask) and dup.task_ref.id == 100
+    ref2, _ = m.create_trial(100, 8, lambda: next(new), T0)
+    assert m.dequeue("e", None, T0 + dt.timedelta(seconds=60)) is WAIT  # at most one extra trial
+
+
+def test_force_finish_slave_maps_exit_to_trial_status() -> None:
+    m = model([1.0], max_trials=1)
+    new = ids()
+    m.dequeue("c", 7, T0)
+    ref, _ = m.create_trial(100, 7, lambda: next(new), T0)
+    fx = m.force_finish_slave(7, SlaveStatus.TIMEOUT_EXIT, T0)
+    assert m.trials[ref.id].status is TrialStatus.TIMEOUT
+    assert fx.finished is TasksetStatus.FAILED
+    assert m.slaves[7].status is SlaveStatus.TIMEOUT_EXIT
+
+
+def test_create_trial_is_idempotent_per_slave() -> None:
+    m = model([1.0])
+    new = ids()
+    m.dequeue("c", 7, T0)
+    a, fx = m.create_trial(100, 7, lambda: next(new), T0)
+    b, fx2 = m.create_trial(100, 7, lambda: next(new), T0)
+    assert a == b and fx2.writes == [] and len(m.tasks[100].trials) == 1
+
+
+@pytest.mark.parametrize(
+    ("paths", "timeouts", "ok"),
+    [
+        (["a.py", "b/c.py"], [(2, 1), (1, 1)], True),
+        (["/abs.py"], [(2, 1)], False),
+        (["../up.py"], [(2, 1)], False),
+        (["a/../b.py"], [(2, 1)], False),
+        (["a//b.py"], [(2, 1)], False),
+        (["a.py", "a.py"], [(2, 1), (2, 1)], False),
+        (["a.py"], [(1, 2)], False),
+    ],
+)
+def test_check_tasks(paths: list[str], timeouts: list[tuple[int, int]], ok: bool) -> None:
+    if ok:
+        check_tasks(paths, timeouts)
+    else:
+        with pytest.raises(InvalidArgument):
+            check_tasks(paths, timeouts)
+
+
+def test_truncate_output() -> None:
+    assert truncate_output("short", 10) == "short"
+    cut = truncate_output("x" * 100, 10)
+    assert cut.startswith("x" * 10) and "[testfleet: 90 bytes truncated]" in cut
+
+
+@pytest.mark.parametrize(
+    ("free", "openings", "plan"),
+    [
+        ({"w1": "default"}, [Opening(2, "default", 1, 0), Opening(1, "default", 1, 0)], [Assignment("w1", 1)]),
+        (
+            {"w1": "default", "w2": "default", "w3": "default"},
+            [Opening(1, "default", 2, 0), Opening(2, "default", 5, 0)],
+            [Assignment("w1", 1), Assignment("w2", 1), Assignment("w3", 2)],
+        ),
+        ({"w1": "gpu"}, [Opening(1, "default", 2, 0)], []),
+        ({"w1": "default"}, [Opening(1, "default", 2, 2)], []),
+    ],
+)
+def test_plan_assignments(free: dict[str, str], openings: list[Opening], plan: list[Assignment]) -> None:
+    assert plan_assignments(free, openings) == plan
