@@ -156,7 +156,7 @@ def test_speculation_only_after_expected_and_once() -> None:
     assert m.next_straggler_check(T0 + dt.timedelta(seconds=5)) == pytest.approx(5.0)
     dup = m.dequeue("d", 8, T0 + dt.timedelta(seconds=11))
     assert isinstance(dup, DequeuedTask) and dup.task_ref.id == 100
-    ref2, _ = m.create_trial(100, 8, lambda: next(new), T0)
+    _ref2, _ = m.create_trial(100, 8, lambda: next(new), T0)
     assert m.dequeue("e", None, T0 + dt.timedelta(seconds=60)) is WAIT  # at most one extra trial
 
 
@@ -175,7 +175,7 @@ def test_create_trial_is_idempotent_per_slave() -> None:
     m = model([1.0])
     new = ids()
     m.dequeue("c", 7, T0)
-    a, fx = m.create_trial(100, 7, lambda: next(new), T0)
+    a, _fx = m.create_trial(100, 7, lambda: next(new), T0)
     b, fx2 = m.create_trial(100, 7, lambda: next(new), T0)
     assert a == b and fx2.writes == [] and len(m.tasks[100].trials) == 1
 
