@@ -143,7 +143,7 @@ class ForceFinishSlaveParams(Params, frozen=True):
 # -- results ------------------------------------------------------------------------
 
 
-class DequeuedTask(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+class DequeuedTask(Struct, frozen=True, array_like=True):
     """`[TaskRef, spec_path, hard_timeout_sec, soft_timeout_sec]`."""
 
     task_ref: TaskRef
@@ -162,7 +162,7 @@ class TasksetSummary(Struct, frozen=True):
     failed_count: Count
 
 
-class ActiveWorker(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+class ActiveWorker(Struct, frozen=True, array_like=True):
     """`[worker_name, worker_type, TasksetRef?]`."""
 
     worker_name: str

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from coordinator.core.errors import Conflict, InvalidArgument, SlaveNotFound, TrialNotFound, WorkerLogNotFound
-from coordinator.core.states import ACTIVE, DISPATCHED, FINISHED, Verdict, decide_task, taskset_verdict, transition
+from coordinator.core.states import ACTIVE, DISPATCHED, FINISHED, Verdict, decide_task, transition
 from protocol.messages import (
     DequeuedTask,
     Notification,
@@ -155,6 +155,12 @@ class TasksetModel:
     slaves: dict[int, SlaveState] = field(default_factory=dict)
     worker_logs: dict[int, WorkerLogState] = field(default_factory=dict)
     queue: collections.deque[int] = field(default_factory=collections.deque)
+    """Queued task ids, head first; an id no longer in `queued` is a stale entry to skip."""
+    queued: set[int] = field(default_factory=set)
+    open_trials: set[int] = field(default_factory=set)
+    """Trials without a status: the only ones speculation and slave loss look at."""
+    undecided: int = 0
+    decided: collections.Counter[TaskStatus] = field(default_factory=collections.Counter)
     leases: dict[int, Hashable] = field(default_factory=dict)
     output_limit: int = DEFAULT_OUTPUT_LIMIT
 
@@ -166,27 +172,56 @@ class TasksetModel:
 
     def add_task(self, task: TaskState) -> None:
         self.tasks[task.id] = task
+        if task.status is None:
+            self.undecided += 1
+        else:
+            self.decided[task.status] += 1
         for trial in task.trials:
             self.trials[trial.id] = trial
+            if trial.status is None:
+                self.open_trials.add(trial.id)
 
     def fill_queue(self) -> None:
         """Queue every undecided task with no running trial: retried ones first, then longest expected first."""
-        self.queue.clear()
+        self._clear_queue()
         waiting = [t for t in self.tasks.values() if t.status is None and not t.running and t.id not in self.leases]
         waiting.sort(key=lambda t: (not t.trials, -t.expected_s, t.position))
         self.queue.extend(t.id for t in waiting)
+        self.queued.update(t.id for t in waiting)
+
+    def queued_ids(self) -> list[int]:
+        """The live queue, head first (stale and repeated deque entries left out)."""
+        return [tid for tid in dict.fromkeys(self.queue) if tid in self.queued]
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queued)
+
+    def _clear_queue(self) -> None:
+        self.queue.clear()
+        self.queued.clear()
+
+    def _push_head(self, task_id: int) -> None:
+        if task_id not in self.queued:
+            self.queued.add(task_id)
+            self.queue.appendleft(task_id)
+
+    def _unqueue(self, task_id: int) -> None:
+        """Take a task out of the queue; its deque entry goes stale and is skipped later."""
+        self.queued.discard(task_id)
+        if len(self.queue) > 2 * len(self.queued) + 64:
+            self.queue = collections.deque(tid for tid in self.queue if tid in self.queued)
 
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
 
     def counts(self) -> dict[str, int]:
-        statuses = [task.status for task in self.tasks.values()]
         return {
-            "task_count": len(statuses),
-            "passed_count": statuses.count(TaskStatus.PASSED),
-            "pending_count": statuses.count(TaskStatus.PENDING),
-            "failed_count": statuses.count(TaskStatus.FAILED),
+            "task_count": len(self.tasks),
+            "passed_count": self.decided[TaskStatus.PASSED],
+            "pending_count": self.decided[TaskStatus.PENDING],
+            "failed_count": self.decided[TaskStatus.FAILED],
         }
 
     # -- taskset lifecycle ---------------------------------------------------------
@@ -243,7 +278,7 @@ class TasksetModel:
         )
         fx.notes.append(note)
         fx.global_notes.append(note)
-        self.queue.clear()
+        self._clear_queue()
         self.leases.clear()
         fx.finished = status
 
@@ -265,28 +300,39 @@ class TasksetModel:
         return DequeuedTask(TaskRef(chosen.id), chosen.spec_path, chosen.hard_timeout_sec, chosen.soft_timeout_sec)
 
     def _pick_queued(self, slave_id: int | None) -> TaskState | None:
+        while self.queue and self.queue[0] not in self.queued:
+            self.queue.popleft()
         fallback: int | None = None
-        for index, task_id in enumerate(self.queue):
+        for task_id in self.queue:
+            if task_id not in self.queued:
+                continue
             task = self.tasks[task_id]
-            if not task.tried_by(slave_id):
-                del self.queue[index]
+            if not task.trials or not task.tried_by(slave_id):
+                self._unqueue(task_id)
                 return task
             if fallback is None:
-                fallback = index
+                fallback = task_id
         if fallback is None:
             return None
-        task_id = self.queue[fallback]
-        del self.queue[fallback]
-        return self.tasks[task_id]
+        self._unqueue(fallback)
+        return self.tasks[fallback]
+
+    def _running_tasks(self) -> dict[int, list[TrialState]]:
+        running: dict[int, list[TrialState]] = {}
+        for trial_id in self.open_trials:
+            trial = self.trials[trial_id]
+            running.setdefault(trial.task_id, []).append(trial)
+        return running
 
     def _pick_straggler(self, slave_id: int | None, now: dt.datetime) -> TaskState | None:
         """The running task most overdue against its expected duration, not yet duplicated."""
         best: tuple[float, TaskState] | None = None
-        for task in self.tasks.values():
+        for task_id, trials in self._running_tasks().items():
+            task = self.tasks[task_id]
             if task.status is not None or task.speculated or task.id in self.leases or task.tried_by(slave_id):
                 continue
-            running = [trial.started_at for trial in task.running if trial.started_at is not None]
-            if not running or len(task.running) != len(task.trials) - _finished_count(task):
+            running = [trial.started_at for trial in trials if trial.started_at is not None]
+            if not running:
                 continue
             overdue = (now - min(running)).total_seconds() - task.expected_s
             if overdue > 0 and (best is None or overdue > best[0]):
@@ -296,10 +342,11 @@ class TasksetModel:
     def next_straggler_check(self, now: dt.datetime) -> float | None:
         """Seconds until some running task outlives its expected duration, for waiting dequeues."""
         soonest: float | None = None
-        for task in self.tasks.values():
+        for task_id, trials in self._running_tasks().items():
+            task = self.tasks[task_id]
             if task.status is not None or task.speculated or task.id in self.leases:
                 continue
-            starts = [trial.started_at for trial in task.running if trial.started_at is not None]
+            starts = [trial.started_at for trial in trials if trial.started_at is not None]
             if not starts:
                 continue
             left = task.expected_s - (now - min(starts)).total_seconds()
@@ -314,11 +361,11 @@ class TasksetModel:
             return fx
         del self.leases[task_id]
         task = self.tasks[task_id]
-        if task.status is None and self.active and task_id not in self.queue:
+        if task.status is None and self.active and task_id not in self.queued:
             if task.speculated and task.running:
                 task.speculated = False  # the duplicate was never started; a later straggler check may retry
             else:
-                self.queue.appendleft(task_id)
+                self._push_head(task_id)
                 fx.woke = True
         return fx
 
@@ -341,13 +388,12 @@ class TasksetModel:
                 self.leases.pop(task_id, None)
                 return TrialRef(trial.id), fx
         self.leases.pop(task_id, None)
-        if task_id in self.queue:
-            self.queue.remove(task_id)
+        self._unqueue(task_id)
         trial = TrialState(new_id(), task_id, slave_id, None, now)
         task.trials.append(trial)
         self.trials[trial.id] = trial
+        self.open_trials.add(trial.id)
         fx.writes.append(Write("insert_trial", (trial.id, task_id, slave_id, now)))
-        fx.writes.append(Write("set_task_trial_count", (task_id, len(task.trials))))
         stamp = format_timestamp(now)
         fx.notes.append(TrialCreated(stamp, TrialRef(trial.id), TaskRef(task_id), SlaveRef(slave_id), stamp))
         fx.notes.append(TaskUpdated(stamp, TaskRef(task_id), TaskHash(trial_count=len(task.trials))))
@@ -377,6 +423,7 @@ class TasksetModel:
             return fx
         trial.status = status
         trial.finished_at = now
+        self.open_trials.discard(trial_id)
         stdout = truncate_output(stdout, self.output_limit)
         stderr = truncate_output(stderr, self.output_limit)
         fx.writes.append(Write("finish_trial", (trial_id, status.value, stdout, stderr, *counts, now)))
@@ -404,20 +451,21 @@ class TasksetModel:
             return
         verdict = decide_task((trial.status for trial in task.trials), self.max_trials)
         if verdict is Verdict.REQUEUE:
-            if task.id not in self.queue and task.id not in self.leases and self.status in ACTIVE:
-                self.queue.appendleft(task.id)
+            if task.id not in self.queued and task.id not in self.leases and self.status in ACTIVE:
+                self._push_head(task.id)
                 fx.woke = True
             return
         if verdict is Verdict.WAIT:
             return
         task.status = TaskStatus(verdict.value)
-        if task.id in self.queue:
-            self.queue.remove(task.id)
+        self.undecided -= 1
+        self.decided[task.status] += 1
+        self._unqueue(task.id)
         self.leases.pop(task.id, None)
         stamp = format_timestamp(now)
         fx.writes.append(Write("set_task_status", (task.id, task.status.value)))
         fx.notes.append(TaskUpdated(stamp, TaskRef(task.id), TaskHash(status=task.status)))
-        count = sum(1 for t in self.tasks.values() if t.status is task.status)
+        count = self.decided[task.status]
         if task.status is TaskStatus.PASSED:
             hash_ = TasksetHash(passed_count=count)
         elif task.status is TaskStatus.PENDING:
@@ -425,7 +473,9 @@ class TasksetModel:
         else:
             hash_ = TasksetHash(failed_count=count)
         fx.notes.append(TasksetUpdated(stamp, self.ref, hash_))
-        final = taskset_verdict(t.status for t in self.tasks.values())
+        final = None
+        if self.undecided == 0:
+            final = TasksetStatus.FAILED if self.decided[TaskStatus.FAILED] else TasksetStatus.SUCCEEDED
         if final is not None and self.status in DISPATCHED:
             self._finish(final, now, fx)
 
@@ -535,7 +585,7 @@ class TasksetModel:
         fx = Effects()
         slave = self._slave(slave_id)
         verdict = TrialStatus.TIMEOUT if status is SlaveStatus.TIMEOUT_EXIT else TrialStatus.ERROR
-        for trial in [t for t in self.trials.values() if t.slave_id == slave_id and t.status is None]:
+        for trial in [self.trials[t] for t in sorted(self.open_trials) if self.trials[t].slave_id == slave_id]:
             fx.extend(
                 self.finish_trial(
                     trial.id, verdict, "", f"[testfleet: the slave ended ({status})]\n", (None, None, None), now
@@ -560,10 +610,6 @@ class TasksetModel:
     def unfinished_slaves(self) -> Iterable[SlaveState]:
         """Slaves with no final status: after a restart, each must re-bind or be lost."""
         return [slave for slave in self.slaves.values() if slave.status is None]
-
-
-def _finished_count(task: TaskState) -> int:
-    return sum(1 for trial in task.trials if trial.status is not None)
 
 
 def expected_duration(history_s: float | None, path_history_s: float | None, soft_timeout_sec: int) -> float:

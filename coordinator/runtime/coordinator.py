@@ -211,7 +211,7 @@ class Coordinator:
             self.hub.publish_taskset(model.id, fx.notes)
         if fx.global_notes:
             self.hub.publish_global(fx.global_notes)
-        self.metrics.queue_depth.labels(str(model.id)).set(len(model.queue)) if model.active else None
+        self.metrics.queue_depth.labels(str(model.id)).set(model.queue_depth) if model.active else None
 
     def taskset_finished(self, model: TasksetModel, status: TasksetStatus) -> None:
         log.info("taskset_finished", taskset_id=model.id, status=str(status))
@@ -390,7 +390,8 @@ class Coordinator:
         self._bind_slave(conn, owner.id, p.slave_ref.id)
         new_id = self.store.new_id
         ref: TrialRef = await owner.run(
-            lambda model, now: model.create_trial(p.task_ref.id, p.slave_ref.id, lambda: new_id("trials"), now)
+            lambda model, now: model.create_trial(p.task_ref.id, p.slave_ref.id, lambda: new_id("trials"), now),
+            needs="trials",
         )
         return ref
 
@@ -421,7 +422,8 @@ class Coordinator:
         owner = await self._owner_of(p.taskset_ref)
         new_id = self.store.new_id
         ref: WorkerLogRef = await owner.run(
-            lambda model, now: model.create_worker_log(p.worker_name, lambda: new_id("worker_logs"), now)
+            lambda model, now: model.create_worker_log(p.worker_name, lambda: new_id("worker_logs"), now),
+            needs="worker_logs",
         )
         return ref
 
@@ -449,7 +451,8 @@ class Coordinator:
         owner = await self._owner_of(p.taskset_ref)
         new_id = self.store.new_id
         ref: SlaveRef = await owner.run(
-            lambda model, now: model.create_slave(p.slave_name, lambda: new_id("slaves"), now)
+            lambda model, now: model.create_slave(p.slave_name, lambda: new_id("slaves"), now),
+            needs="slaves",
         )
         self._bind_slave(conn, owner.id, ref.id)
         return ref

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 from collections.abc import Callable
@@ -34,11 +35,12 @@ class Listener(Protocol):
 
 
 class _Job:
-    __slots__ = ("command", "future")
+    __slots__ = ("command", "future", "needs")
 
-    def __init__(self, command: Command, future: asyncio.Future[Any]) -> None:
+    def __init__(self, command: Command, future: asyncio.Future[Any], needs: str | None) -> None:
         self.command = command
         self.future = future
+        self.needs = needs
 
 
 class Owner:
@@ -71,11 +73,14 @@ class Owner:
                 job.future.set_exception(Unavailable("the coordinator is shutting down"))
         self._changed.set()
 
-    async def run(self, command: Command) -> Any:
-        """Apply `command` in turn and return its result once its writes are committed."""
+    async def run(self, command: Command, needs: str | None = None) -> Any:
+        """Apply `command` in turn and return its result once its writes are committed.
+
+        `needs` names the table a command may take one new id of, so the batch reserves enough first.
+        """
         self.last_used = asyncio.get_running_loop().time()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(_Job(command, future))
+        self.queue.put_nowait(_Job(command, future, needs))
         return await future
 
     async def changed(self, timeout: float | None) -> None:
@@ -96,9 +101,10 @@ class Owner:
             await self._run_batch(jobs)
 
     async def _run_batch(self, jobs: list[_Job]) -> None:
-        for table in ("trials", "slaves", "worker_logs"):
+        needs = collections.Counter(job.needs for job in jobs if job.needs is not None)
+        for table, count in needs.items():
             try:
-                await self.store.ensure_ids(table, len(jobs))
+                await self.store.ensure_ids(table, count)
             except Unavailable as exc:
                 for job in jobs:
                     if not job.future.done():

@@ -94,6 +94,7 @@ class EmbeddedPostgres:
         self._server: PostgresServer | None = None
         self._postmaster: Any = None  # psutil.Process of the postmaster we own
         self._dsn: str | None = None
+        self._owner_pid = 0
 
     @property
     def dsn(self) -> str:
@@ -126,6 +127,7 @@ class EmbeddedPostgres:
                     _active.discard(data_dir)
                 raise
             self._data_dir, self._server, self._postmaster = data_dir, server, postmaster
+            self._owner_pid = os.getpid()
             self._dsn = server.get_uri()
         atexit.register(self.stop)
         _log.info(
@@ -143,6 +145,8 @@ class EmbeddedPostgres:
             postmaster, data_dir, server = self._postmaster, self._data_dir, self._server
             if postmaster is None or data_dir is None or server is None:
                 return
+            if os.getpid() != self._owner_pid:
+                return  # a forked child inherited this object (and its exit hook); the server is not its own
             atexit.unregister(self.stop)
             started = time.monotonic()
             try:

@@ -9,14 +9,18 @@ locks, and undo any ``LISTEN`` or session-level lock before releasing.
 from __future__ import annotations
 
 import asyncio
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
-# What pool.acquire() yields or asyncpg.connect() returns: both run the same queries.
-Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+if TYPE_CHECKING:
+    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+    # What pool.acquire() yields or asyncpg.connect() returns: both run the same queries.
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+else:
+    Pool = asyncpg.Pool
+    Connection = asyncpg.Connection | PoolConnectionProxy
 
 # No store statement should come near this; one that does is stuck, not slow.
 COMMAND_TIMEOUT_S = 30.0

@@ -6,10 +6,6 @@ UPDATE tasksets SET status = $2, finished_at = $3 WHERE id = $1;
 -- A new trial, not started yet.
 INSERT INTO trials (id, task_id, slave_id, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING;
 
--- name: set_task_trial_count
--- How many trials a task has had.
-UPDATE tasks SET trial_count = $2 WHERE id = $1;
-
 -- name: start_trial
 -- The moment a trial started running.
 UPDATE trials SET started_at = $2 WHERE id = $1 AND started_at IS NULL;
@@ -98,8 +94,9 @@ FROM tasksets WHERE id = $1;
 
 -- name: tasks_of_taskset
 -- A taskset's tasks in submission order.
-SELECT id, taskset_id, position, spec_path, spec_sha1, hard_timeout_sec, soft_timeout_sec, status, trial_count
-FROM tasks WHERE taskset_id = $1 ORDER BY position;
+SELECT t.id, t.taskset_id, t.position, t.spec_path, t.spec_sha1, t.hard_timeout_sec, t.soft_timeout_sec, t.status,
+       (SELECT count(*) FROM trials r WHERE r.task_id = t.id) AS trial_count
+FROM tasks t WHERE t.taskset_id = $1 ORDER BY t.position;
 
 -- name: trials_of_taskset
 -- A taskset's trials without their output.

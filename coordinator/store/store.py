@@ -37,7 +37,6 @@ _WRITE_ORDER: Final = {
             "insert_worker_log",
             "insert_slave",
             "insert_trial",
-            "set_task_trial_count",
             "start_trial",
             "finish_trial",
             "insert_spec_sample",
@@ -53,7 +52,7 @@ _WRITE_ORDER: Final = {
         )
     )
 }
-_BLOCKS: Final = {"tasks": 1000, "trials": 1000, "slaves": 100, "worker_logs": 100}
+_BLOCKS: Final = {"tasks": 1000, "trials": 1000, "slaves": 1000, "worker_logs": 1000}
 
 
 def load_queries() -> dict[str, str]:
@@ -148,12 +147,11 @@ class Store:
         self._ids.add(table, int(first))
 
     async def ensure_ids(self, table: str, want: int) -> None:
-        """Reserve blocks until `want` ids of `table` are at hand."""
+        """Reserve blocks until `want` ids of `table` are at hand (at most a block's worth)."""
+        want = min(want, _BLOCKS[table])
         while self.needs_ids(table, want):
             # The old block's tail is dropped: ids need only be unique, not dense.
             await self.reserve(table)
-            if want > _BLOCKS[table]:
-                break
 
     # -- group commit ------------------------------------------------------------
 

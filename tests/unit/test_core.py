@@ -105,7 +105,7 @@ def test_longest_expected_first_and_retry_at_head() -> None:
     new = ids()
     ref, _ = m.create_trial(101, 7, lambda: next(new), T0)
     fx = m.finish_trial(ref.id, TrialStatus.FAILED, "", "", (0, 0, 1), T0)
-    assert fx.woke and list(m.queue) == [101, 102, 100]
+    assert fx.woke and m.queued_ids() == [101, 102, 100]
     # Slave 7 tried t1: it is passed over for slave 7, handed to slave 8.
     got7 = m.dequeue("conn", 7, T0)
     assert isinstance(got7, DequeuedTask) and got7.spec_path == "t2.py"
@@ -129,7 +129,7 @@ def test_leases_return_to_the_head() -> None:
     assert isinstance(first, DequeuedTask)
     assert m.dequeue("d", 8, T0) != first
     fx = m.release_holder("c")
-    assert fx.woke and m.queue[0] == first.task_ref.id
+    assert fx.woke and m.queued_ids()[0] == first.task_ref.id
     assert m.release_holder("c").writes == []
 
 

@@ -31,7 +31,6 @@ CREATE TABLE tasks (
     hard_timeout_sec  integer NOT NULL,
     soft_timeout_sec  integer NOT NULL,
     status            text,
-    trial_count       integer NOT NULL DEFAULT 0,
     UNIQUE (taskset_id, spec_path)
 );
 CREATE SEQUENCE tasks_id_seq INCREMENT BY 1000 OWNED BY tasks.id;
@@ -45,7 +44,7 @@ CREATE TABLE slaves (
     created_at  timestamptz NOT NULL,
     UNIQUE (name, taskset_id)
 );
-CREATE SEQUENCE slaves_id_seq INCREMENT BY 100 OWNED BY slaves.id;
+CREATE SEQUENCE slaves_id_seq INCREMENT BY 1000 OWNED BY slaves.id;
 
 CREATE TABLE trials (
     id           bigint PRIMARY KEY,
@@ -76,7 +75,7 @@ CREATE TABLE worker_logs (
     finished_at        timestamptz,
     UNIQUE (taskset_id, worker_name)
 );
-CREATE SEQUENCE worker_logs_id_seq INCREMENT BY 100 OWNED BY worker_logs.id;
+CREATE SEQUENCE worker_logs_id_seq INCREMENT BY 1000 OWNED BY worker_logs.id;
 
 -- History for scheduling: one row per passed or pending trial, read newest first through
 -- the indexes, so an average never scans more than its 100 latest samples.
