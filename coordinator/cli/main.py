@@ -20,15 +20,17 @@ SUBCOMMANDS: Final[dict[str, Subcommand]] = {
     "serve": Subcommand("run the coordinator", "coordinator.cli.serve:register"),
     "worker": Subcommand("run a worker daemon on this machine", None),
     "slave": Subcommand("run one slave (started by a worker)", None),
-    "run": Subcommand("submit the suite, follow it, print the verdict", None),
-    "submit": Subcommand("submit the suite and print the taskset id", None),
-    "wait": Subcommand("wait for a taskset and print its verdict", None),
-    "show": Subcommand("show a taskset's status and failures", None),
-    "cancel": Subcommand("cancel a taskset", None),
-    "cancel-user": Subcommand("cancel every active taskset of an rsync name", None),
-    "actives": Subcommand("list the active tasksets", None),
-    "workers": Subcommand("list the live workers", None),
-    "local": Subcommand("run the suite on this machine with an embedded coordinator", None),
+    "run": Subcommand("submit the suite, follow it, print the verdict", "coordinator.cli.run:register_run"),
+    "submit": Subcommand("submit the suite and print the taskset id", "coordinator.cli.run:register_submit"),
+    "wait": Subcommand("wait for a taskset and print its verdict", "coordinator.cli.run:register_wait"),
+    "show": Subcommand("show a taskset's status and failures", "coordinator.cli.commands:register_show"),
+    "cancel": Subcommand("cancel a taskset", "coordinator.cli.commands:register_cancel"),
+    "cancel-user": Subcommand(
+        "cancel every active taskset of an rsync name", "coordinator.cli.commands:register_cancel_user"
+    ),
+    "actives": Subcommand("list the active tasksets", "coordinator.cli.commands:register_actives"),
+    "workers": Subcommand("list the live workers", "coordinator.cli.commands:register_workers"),
+    "local": Subcommand("run the suite on this machine with an embedded coordinator", "coordinator.cli.local:register"),
 }
 
 # Worker and slave code never shares a process with coordinator code: those subcommands

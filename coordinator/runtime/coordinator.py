@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -206,12 +207,15 @@ class Coordinator:
 
     # -- listener callbacks (from owners) ------------------------------------------
 
-    def published(self, model: TasksetModel, fx: Effects) -> None:
+    def published(self, model: TasksetModel, fx: Effects, started: float) -> None:
         if fx.notes:
             self.hub.publish_taskset(model.id, fx.notes)
         if fx.global_notes:
             self.hub.publish_global(fx.global_notes)
-        self.metrics.queue_depth.labels(str(model.id)).set(model.queue_depth) if model.active else None
+        if fx.notes or fx.global_notes:
+            self.metrics.notification_lag.observe(time.perf_counter() - started)
+        if model.active:
+            self.metrics.queue_depth.labels(str(model.id)).set(model.queue_depth)
 
     def taskset_finished(self, model: TasksetModel, status: TasksetStatus) -> None:
         log.info("taskset_finished", taskset_id=model.id, status=str(status))

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -29,7 +30,7 @@ def utcnow() -> dt.datetime:
 class Listener(Protocol):
     """What an owner tells the rest of the runtime after each commit."""
 
-    def published(self, model: TasksetModel, fx: Effects) -> None: ...
+    def published(self, model: TasksetModel, fx: Effects, started: float) -> None: ...
 
     def taskset_finished(self, model: TasksetModel, status: TasksetStatus) -> None: ...
 
@@ -110,6 +111,7 @@ class Owner:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 return
+        started = time.perf_counter()
         now = utcnow()
         fx = Effects()
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
@@ -143,7 +145,7 @@ class Owner:
                 job.future.set_result(result)
             else:
                 job.future.set_exception(error)
-        self.listener.published(self.model, fx)
+        self.listener.published(self.model, fx, started)
         if fx.finished is not None:
             self.listener.taskset_finished(self.model, fx.finished)
         if fx.woke or fx.finished is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import platformdirs
-import psutil  # type: ignore[import-untyped]
+import psutil
 import structlog
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import asyncpg
+import structlog
 
 from coordinator.core.errors import RsyncNameBusy, Unavailable
 from coordinator.core.taskset import (
@@ -52,6 +53,17 @@ _WRITE_ORDER: Final = {
         )
     )
 }
+# Errors after which the same statements may simply be tried again on a fresh connection.
+_TRANSIENT: Final = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    ConnectionError,
+)
+_log = structlog.get_logger("testfleet.store")
 _BLOCKS: Final = {"tasks": 1000, "trials": 1000, "slaves": 1000, "worker_logs": 1000}
 
 
@@ -100,8 +112,10 @@ class Store:
         *,
         parallel_commits: int = 4,
         observe_commit: Callable[[float, int], None] | None = None,
+        retry_s: float = 15.0,
     ) -> None:
         self.pool = pool
+        self.retry_s = retry_s
         self._ids = IdBlocks()
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
@@ -204,6 +218,24 @@ class Store:
             self._slots.release()
 
     async def _run(self, writes: list[Write]) -> None:
+        """Commit writes in one transaction, trying again while the database is unreachable.
+
+        A failed transaction left nothing behind, so running it again is safe.
+        """
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        while True:
+            try:
+                await self._run_once(writes)
+                return
+            except _TRANSIENT as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                _log.warning("commit_retry", error=f"{type(exc).__name__}: {exc}", delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _run_once(self, writes: list[Write]) -> None:
         groups: dict[str, list[tuple[Any, ...]]] = collections.defaultdict(list)
         for write in sorted(writes, key=lambda w: _WRITE_ORDER[w.query]):
             groups[write.query].append(write.args)
@@ -219,23 +251,31 @@ class Store:
 
     # -- plain queries -------------------------------------------------------------
 
+    async def _read(self, how: str, name: str, *args: Any) -> Any:
+        """A read query, tried again for a while when the database is unreachable."""
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        while True:
+            try:
+                return await getattr(self.pool, how)(QUERIES[name], *args)
+            except _TRANSIENT as exc:
+                if time.monotonic() + delay > deadline:
+                    raise _translate(exc) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise _translate(exc) from exc
+
     async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        try:
-            return await self.pool.fetch(QUERIES[name], *args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise _translate(exc) from exc
+        rows: list[asyncpg.Record] = await self._read("fetch", name, *args)
+        return rows
 
     async def _fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
-        try:
-            return await self.pool.fetchrow(QUERIES[name], *args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise _translate(exc) from exc
+        row: asyncpg.Record | None = await self._read("fetchrow", name, *args)
+        return row
 
     async def _fetchval(self, name: str, *args: Any) -> Any:
-        try:
-            return await self.pool.fetchval(QUERIES[name], *args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise _translate(exc) from exc
+        return await self._read("fetchval", name, *args)
 
     async def ping(self) -> bool:
         try:
