@@ -1,0 +1,110 @@
+"""`testfleet serve` as a real process: starts on the embedded Postgres, refuses unsafe binds, stops on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def start_serve(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli.main", "serve", "--port", "0", "--data-dir", str(data_dir), *extra],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        match = re.search(r"listening on (http://\S+)", line)
+        if match:
+            # Keep reading its log so a full pipe never blocks the coordinator.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, match.group(1)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    proc.wait()
+    proc.stderr.close()
+    raise AssertionError("testfleet serve did not start")
+
+
+def stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=30)
+    finally:
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def rpc(url: str, method: str, *params: object) -> object:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}).encode()
+    request = urllib.request.Request(url + "/rpc", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def postmaster_alive(data_dir: Path) -> bool:
+    pid_file = data_dir / "postgres" / "pgdata" / "postmaster.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_serve_keeps_state_across_a_clean_restart(tmp_path: Path) -> None:
+    data_dir = Path(f"/tmp/testfleet-e2e-serve-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        proc, url = start_serve(data_dir)
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+                assert json.loads(resp.read())["database"] is True
+            created = rpc(url, "create_taskset", "e2e", "", "", "default", "c", 1, 1, [["a.py", "s", 5, 3]])
+            ref = created["result"]  # type: ignore[index]
+        finally:
+            assert stop(proc) == 0
+        assert not postmaster_alive(data_dir), "the embedded Postgres outlived its coordinator"
+        proc, url = start_serve(data_dir)
+        try:
+            assert rpc(url, "query_taskset_status", ref)["result"] == "rsync_waiting"  # type: ignore[index]
+        finally:
+            assert stop(proc) == 0
+    finally:
+        subprocess.run(["rm", "-rf", str(data_dir)], check=False)
+
+
+def test_serve_refuses_public_bind_with_open_roles(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli.main", "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "refusing to listen on 0.0.0.0" in out.stderr and "--insecure" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli.main", "serve", "--data-dir", "/root/testfleet-data"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if os.geteuid() == 0:
+        assert out.returncode == 2 and "/root" in out.stderr
