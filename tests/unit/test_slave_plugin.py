@@ -1,0 +1,634 @@
+"""The pytest slave, run as real processes over the fixture suites with a list source."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from protocol.types import SlaveStatus, TrialStatus
+from worker.slave.source import (
+    CloseEvent,
+    FileResult,
+    FileTask,
+    FinishEvent,
+    GiveBackEvent,
+    ListEvent,
+    ListSource,
+    StartEvent,
+    parse_task_list,
+    read_events,
+)
+from worker.slave.tally import decide_status
+from worker.slave.watchdog import Watchdog
+
+SUITES = Path(__file__).resolve().parents[1] / "fixtures" / "suites"
+SLAVE_TIMEOUT_S = 60
+
+
+@dataclass
+class SlaveRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    events: list[ListEvent]
+    stack_file: Path
+
+    def finished(self) -> list[tuple[str, FileResult]]:
+        return [(e.spec_path, e.result) for e in self.events if isinstance(e, FinishEvent)]
+
+    def result(self, spec_path: str) -> FileResult:
+        results = [result for path, result in self.finished() if path == spec_path]
+        assert len(results) == 1, (spec_path, self.events, self.stdout[-3000:])
+        return results[0]
+
+    def counts(self, spec_path: str) -> tuple[TrialStatus, int, int, int]:
+        result = self.result(spec_path)
+        return result.status, result.passed, result.pending, result.failed
+
+    def closed(self) -> SlaveStatus | None:
+        closes = [e.status for e in self.events if isinstance(e, CloseEvent)]
+        assert len(closes) <= 1
+        return closes[0] if closes else None
+
+
+def copy_suites(tmp_path: Path, *names: str) -> Path:
+    """The named fixture suites copied side by side under `tmp_path/suites`; runs never touch the tree."""
+    root = tmp_path / "suites"
+    for name in names:
+        shutil.copytree(SUITES / name, root / name)
+    return root
+
+
+def slave_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TESTFLEET_"))}
+    env.update(extra)
+    return env
+
+
+def slave_command(tmp_path: Path, tasks: list[str], *extra_args: str) -> list[str]:
+    task_list = tmp_path / "tasks.txt"
+    task_list.write_text("".join(f"{task}\n" for task in tasks))
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "worker.slave.plugin",
+        "-p",
+        "no:cacheprovider",
+        f"--basetemp={tmp_path / 'basetemp'}",
+        f"--testfleet-files={task_list}",
+        f"--testfleet-results={tmp_path / 'results.jsonl'}",
+        f"--testfleet-stack-file={tmp_path / 'stacks.txt'}",
+        *extra_args,
+    ]
+
+
+def events_of(tmp_path: Path) -> list[ListEvent]:
+    results = tmp_path / "results.jsonl"
+    return read_events(results) if results.exists() else []
+
+
+def run_slave(
+    cwd: Path, tmp_path: Path, tasks: list[str], *extra_args: str, env: dict[str, str] | None = None
+) -> SlaveRun:
+    """A slave process over `tasks` (lines of `spec_path [hard_s soft_s]`), run to its end."""
+    done = subprocess.run(
+        slave_command(tmp_path, tasks, *extra_args),
+        cwd=cwd,
+        env=env or slave_env(),
+        capture_output=True,
+        text=True,
+        timeout=SLAVE_TIMEOUT_S,
+        check=False,
+    )
+    return SlaveRun(done.returncode, done.stdout, done.stderr, events_of(tmp_path), tmp_path / "stacks.txt")
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> SlaveRun:
+    """One slave over the suites with plain outcomes (slave processes are slow to start)."""
+    tmp_path = tmp_path_factory.mktemp("outcomes")
+    root = copy_suites(tmp_path, "passing", "failing", "skip_xfail", "import_error", "broken_conftest", "every_outcome")
+    tasks = [
+        "passing/test_alpha.py",
+        "passing/test_beta.py",
+        "failing/test_failing.py",
+        "skip_xfail/test_skip_xfail.py",
+        "import_error/test_import_error.py",
+        "broken_conftest/broken/test_one.py",
+        "broken_conftest/test_healthy.py",
+        "broken_conftest/broken/test_two.py",
+        "every_outcome/test_outcomes.py",
+        "every_outcome/test_module_skip.py",
+        "every_outcome/test_import_error.py",
+        "every_outcome/test_empty.py",
+        "no_such_dir/test_missing.py",
+        "passing/test_alpha.py::test_two",
+        "passing",
+    ]
+    return run_slave(root, tmp_path, tasks)
+
+
+# -- plain outcomes ---------------------------------------------------------------------
+
+
+def test_the_slave_ends_normally_whatever_its_tests_did(outcomes: SlaveRun) -> None:
+    assert outcomes.returncode == 0, outcomes.stdout[-3000:] + outcomes.stderr[-3000:]
+    assert outcomes.closed() is SlaveStatus.NORMAL_EXIT
+    assert len(outcomes.finished()) == 15
+    starts = [e.spec_path for e in outcomes.events if isinstance(e, StartEvent)]
+    assert starts == [path for path, _ in outcomes.finished()]
+
+
+def test_passing_files_pass_and_keep_their_output_out(outcomes: SlaveRun) -> None:
+    assert outcomes.counts("passing/test_alpha.py") == (TrialStatus.PASSED, 3, 0, 0)
+    assert outcomes.counts("passing/test_beta.py") == (TrialStatus.PASSED, 2, 0, 0)
+    alpha = outcomes.result("passing/test_alpha.py")
+    assert (alpha.stdout, alpha.stderr) == ("", "")
+
+
+def test_a_failing_test_fails_the_file_with_its_report_and_captured_output(outcomes: SlaveRun) -> None:
+    assert outcomes.counts("failing/test_failing.py") == (TrialStatus.FAILED, 1, 0, 1)
+    result = outcomes.result("failing/test_failing.py")
+    assert "test_failing.py::test_fails" in result.stdout
+    assert "assert (6 * 7) == 43" in result.stdout
+    assert "Captured stdout call" in result.stdout
+    assert "stdout of the failing test" in result.stdout
+    assert "test_passes" not in result.stdout
+    assert "test_failing.py::test_fails" in result.stderr
+    assert "stderr of the failing test" in result.stderr
+    assert "stdout of the failing test" not in result.stderr
+
+
+def test_skips_and_xfails_only_make_a_pending_file(outcomes: SlaveRun) -> None:
+    assert outcomes.counts("skip_xfail/test_skip_xfail.py") == (TrialStatus.PENDING, 0, 3, 0)
+
+
+def test_an_import_error_is_an_error_with_its_traceback(outcomes: SlaveRun) -> None:
+    assert outcomes.counts("import_error/test_import_error.py") == (TrialStatus.ERROR, 0, 0, 1)
+    assert "testfleet_no_such_module" in outcomes.result("import_error/test_import_error.py").stdout
+
+
+def test_a_broken_conftest_errors_only_the_files_under_it(outcomes: SlaveRun) -> None:
+    for path in ("broken_conftest/broken/test_one.py", "broken_conftest/broken/test_two.py"):
+        assert outcomes.counts(path) == (TrialStatus.ERROR, 0, 0, 1)
+        assert "this conftest is broken" in outcomes.result(path).stdout
+    assert outcomes.counts("broken_conftest/test_healthy.py") == (TrialStatus.PASSED, 1, 0, 0)
+    # The file after the broken ones still runs.
+    assert outcomes.counts("every_outcome/test_outcomes.py")[0] is TrialStatus.FAILED
+
+
+def test_every_outcome_is_counted(outcomes: SlaveRun) -> None:
+    # passed: 5 passed + 1 xpassed; pending: 2 skipped + 1 xfailed;
+    # failed: 4 failed (one strict xpass) + 3 setup/teardown errors.
+    assert outcomes.counts("every_outcome/test_outcomes.py") == (TrialStatus.FAILED, 6, 3, 7)
+    assert outcomes.counts("every_outcome/test_module_skip.py") == (TrialStatus.PENDING, 0, 1, 0)
+    assert outcomes.counts("every_outcome/test_import_error.py") == (TrialStatus.ERROR, 0, 0, 1)
+    stdout = outcomes.result("every_outcome/test_outcomes.py").stdout
+    assert "ERROR at setup of every_outcome/test_outcomes.py::test_setup_error" in stdout
+    assert "ERROR at teardown of every_outcome/test_outcomes.py::test_fail_then_teardown_error" in stdout
+    assert "XPASS(strict)" in stdout
+
+
+def test_a_file_without_tests_is_pending_with_a_note(outcomes: SlaveRun) -> None:
+    assert outcomes.counts("every_outcome/test_empty.py") == (TrialStatus.PENDING, 0, 0, 0)
+    assert "no tests ran in every_outcome/test_empty.py" in outcomes.result("every_outcome/test_empty.py").stdout
+
+
+def test_a_task_may_name_one_test_or_a_whole_directory(outcomes: SlaveRun) -> None:
+    assert outcomes.counts("passing/test_alpha.py::test_two") == (TrialStatus.PASSED, 1, 0, 0)
+    assert outcomes.counts("passing") == (TrialStatus.PASSED, 5, 0, 0)
+
+
+def test_a_missing_file_is_an_error(outcomes: SlaveRun) -> None:
+    assert outcomes.counts("no_such_dir/test_missing.py") == (TrialStatus.ERROR, 0, 0, 1)
+    assert "not found" in outcomes.result("no_such_dir/test_missing.py").stdout
+
+
+def _summary_counts(line: str) -> dict[str, int]:
+    return {word: int(number) for number, word in re.findall(r"(\d+) (\w+)", line)}
+
+
+def test_counts_add_up_to_what_plain_pytest_reports(outcomes: SlaveRun, tmp_path: Path) -> None:
+    root = copy_suites(tmp_path, "every_outcome")
+    files = ["test_outcomes.py", "test_module_skip.py", "test_import_error.py", "test_empty.py"]
+    plain = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors", *files],
+        cwd=root / "every_outcome",
+        env=slave_env(),
+        capture_output=True,
+        text=True,
+        timeout=SLAVE_TIMEOUT_S,
+        check=False,
+    )
+    summary = _summary_counts(plain.stdout.strip().splitlines()[-1])
+    results = [outcomes.result(f"every_outcome/{name}") for name in files]
+    assert sum(r.passed for r in results) == summary.get("passed", 0) + summary.get("xpassed", 0)
+    assert sum(r.pending for r in results) == summary.get("skipped", 0) + summary.get("xfailed", 0)
+    assert sum(r.failed for r in results) == summary.get("failed", 0) + summary.get("errors", 0)
+
+
+# -- fixtures across files ----------------------------------------------------------------
+
+
+def test_module_fixtures_end_with_each_file_and_session_fixtures_live_on(tmp_path: Path) -> None:
+    root = copy_suites(tmp_path, "fixtures_lifecycle") / "fixtures_lifecycle"
+    log = tmp_path / "lifecycle.log"
+    # The first file is outside tests/, whose conftest pytest loads at start-up: its fixtures
+    # must still reach tests/test_three.py, and tests/test_four.py after it.
+    # A package's fixtures live one task too; a directory as a task runs all its files.
+    tasks = ["test_one.py", "tests/test_three.py", "test_two.py", "tests/test_four.py", "pkg/test_five.py", "pkg"]
+    run = run_slave(root, tmp_path, tasks, env=slave_env(LIFECYCLE_LOG=str(log)))
+    assert [run.counts(path) for path in tasks] == [
+        (TrialStatus.PASSED, 2, 0, 0),
+        (TrialStatus.PASSED, 1, 0, 0),
+        (TrialStatus.PASSED, 2, 0, 0),
+        (TrialStatus.PASSED, 1, 0, 0),
+        (TrialStatus.PASSED, 1, 0, 0),
+        (TrialStatus.PASSED, 2, 0, 0),
+    ], run.stdout[-3000:]
+    assert log.read_text().splitlines() == [
+        "session_setup",
+        "module_setup test_one",
+        "module_teardown test_one",
+        "module_setup test_three",
+        "module_teardown test_three",
+        "module_setup test_two",
+        "module_teardown test_two",
+        "module_setup test_four",
+        "module_teardown test_four",
+        "package_setup",
+        "module_setup test_five",
+        "module_teardown test_five",
+        "package_teardown",
+        "package_setup",
+        "module_setup test_five",
+        "module_teardown test_five",
+        "module_setup test_six",
+        "module_teardown test_six",
+        "package_teardown",
+        "session_teardown",
+    ]
+
+
+PINNING_PLUGIN = """
+import os
+import pytest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    for index, item in enumerate(session.items):
+        last_of_module = index + 1 == len(session.items) or session.items[index + 1].parent is not item.parent
+        nextitem = session.items[index + 1] if index + 1 < len(session.items) else None
+        if last_of_module and nextitem is not None:
+            item.ihook.pytest_runtest_setup(item=item)
+            item.ihook.pytest_runtest_call(item=item)
+            # The slave's trick: a stand-in whose listchain() is [session].
+            session._setupstate.teardown_exact(session)
+            stack = ",".join(type(node).__name__ for node in session._setupstate.stack)
+            with open(os.environ["PIN_LOG"], "a") as log:
+                log.write("stack " + stack + "\\n")
+        else:
+            item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+    return True
+"""
+
+PINNING_CONFTEST = """
+import os
+import pytest
+
+
+def record(event):
+    with open(os.environ["PIN_LOG"], "a") as log:
+        log.write(event + "\\n")
+
+
+@pytest.fixture(scope="session")
+def session_fixture():
+    record("session_setup")
+    yield
+    record("session_teardown")
+
+
+@pytest.fixture(scope="module")
+def module_fixture(request):
+    record("module_setup " + request.module.__name__)
+    yield
+    record("module_teardown " + request.module.__name__)
+
+
+@pytest.fixture(scope="class")
+def class_fixture():
+    record("class_setup")
+    yield
+    record("class_teardown")
+"""
+
+
+def test_pytest_still_tears_down_to_the_session_for_a_stand_in_whose_chain_is_the_session(tmp_path: Path) -> None:
+    """Pins the pytest internal the slave relies on: SetupState.teardown_exact(x) only uses x.listchain()."""
+    suite = tmp_path / "pin"
+    suite.mkdir()
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    (suite / "pinning_plugin.py").write_text(PINNING_PLUGIN)
+    (suite / "conftest.py").write_text(PINNING_CONFTEST)
+    body = textwrap.dedent(
+        """
+        class TestInClass:
+            def test_a(self, session_fixture, module_fixture, class_fixture):
+                pass
+        """
+    )
+    (suite / "test_first.py").write_text(body)
+    (suite / "test_second.py").write_text(body)
+    log = tmp_path / "pin.log"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "pinning_plugin", "-p", "no:cacheprovider", "-q"],
+        cwd=suite,
+        env=slave_env(PIN_LOG=str(log), PYTHONPATH=str(suite)),
+        capture_output=True,
+        text=True,
+        timeout=SLAVE_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert log.read_text().splitlines() == [
+        "session_setup",
+        "module_setup test_first",
+        "class_setup",
+        "class_teardown",
+        "module_teardown test_first",
+        "stack Session",
+        "module_setup test_second",
+        "class_setup",
+        "class_teardown",
+        "module_teardown test_second",
+        "session_teardown",
+    ]
+
+
+# -- timeouts, crashes, retries -------------------------------------------------------------
+
+
+def test_a_soft_timeout_fails_the_running_test_and_the_next_file_still_runs(tmp_path: Path) -> None:
+    root = copy_suites(tmp_path, "soft_timeout") / "soft_timeout"
+    tasks = ["test_slow.py 20 1", "test_slow_import.py 20 1", "test_quick.py"]
+    started = time.monotonic()
+    # pytest-timeout's SIGALRM stays armed per test beside the slave's own clock.
+    run = run_slave(root, tmp_path, tasks, "--timeout=60")
+    assert time.monotonic() - started < 15
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.counts("test_slow.py") == (TrialStatus.TIMEOUT, 1, 0, 1)
+    slow = run.result("test_slow.py").stdout
+    assert "soft timeout of 1s reached" in slow
+    assert "test_sleeps_past_the_soft_timeout" in slow
+    assert "test_never_reached" not in slow
+    assert run.counts("test_slow_import.py") == (TrialStatus.TIMEOUT, 0, 0, 1)
+    assert "soft timeout of 1s reached" in run.result("test_slow_import.py").stdout
+    assert run.counts("test_quick.py") == (TrialStatus.PASSED, 1, 0, 0)
+
+
+def test_a_test_that_swallows_interrupts_ends_by_hard_timeout_with_exit_42(tmp_path: Path) -> None:
+    root = copy_suites(tmp_path, "swallow") / "swallow"
+    run = run_slave(root, tmp_path, ["test_swallow.py 3 1", "test_never_started.py"])
+    assert run.returncode == 42, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.counts("test_swallow.py") == (TrialStatus.TIMEOUT, 0, 0, 1)
+    stdout = run.result("test_swallow.py").stdout
+    assert "hard timeout of 3s in test_swallow.py" in stdout
+    assert "test_swallow.py" in stdout.split("Stacks of all threads:")[1]
+    assert "test_swallows_every_interrupt" in run.stack_file.read_text()
+    assert run.closed() is SlaveStatus.TIMEOUT_EXIT
+    assert [e.spec_path for e in run.events if isinstance(e, StartEvent)] == ["test_swallow.py"]
+
+
+def test_a_test_that_kills_its_process_leaves_a_started_file(tmp_path: Path) -> None:
+    root = copy_suites(tmp_path, "suicide", "passing")
+    run = run_slave(root, tmp_path, ["suicide/test_suicide.py", "passing/test_beta.py"])
+    assert run.returncode == -signal.SIGKILL
+    assert run.events == [StartEvent(1, "suicide/test_suicide.py")]
+
+
+def test_a_flaky_test_fails_once_then_passes(tmp_path: Path) -> None:
+    root = copy_suites(tmp_path, "flaky") / "flaky"
+    env = slave_env(FLAKY_MARKER=str(tmp_path / "flaky-marker"))
+    # -x stops a file at its first failure, never the slave.
+    run = run_slave(root, tmp_path, ["test_flaky.py", "test_flaky.py"], "-x", env=env)
+    finished = run.finished()
+    assert [(r.status, r.passed, r.failed) for _, r in finished] == [
+        (TrialStatus.FAILED, 0, 1),
+        (TrialStatus.PASSED, 1, 0),
+    ]
+    assert "first attempt fails" in finished[0][1].stdout
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+
+def _start_interruptible(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    root = copy_suites(tmp_path, "interruptible") / "interruptible"
+    log, started = tmp_path / "session.log", tmp_path / "started"
+    slave = subprocess.Popen(
+        slave_command(tmp_path, ["test_steps.py", "test_steps.py"]),
+        cwd=root,
+        env=slave_env(LIFECYCLE_LOG=str(log), STARTED_MARKER=str(started)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not started.exists():
+        assert slave.poll() is None and time.monotonic() < deadline, "the slave never started test_takes_a_while"
+        time.sleep(0.02)
+    time.sleep(0.2)
+    return slave, log
+
+
+def test_sigterm_lets_the_test_finish_gives_the_file_back_and_ends_normally(tmp_path: Path) -> None:
+    slave, log = _start_interruptible(tmp_path)
+    slave.send_signal(signal.SIGUSR2)
+    time.sleep(0.2)
+    slave.send_signal(signal.SIGTERM)
+    output, _ = slave.communicate(timeout=SLAVE_TIMEOUT_S)
+    assert slave.returncode == 0, output[-3000:]
+    assert "test_takes_a_while" in (tmp_path / "stacks.txt").read_text()
+    events = events_of(tmp_path)
+    assert events == [
+        StartEvent(1, "test_steps.py"),
+        GiveBackEvent(1, "test_steps.py"),
+        CloseEvent(SlaveStatus.NORMAL_EXIT),
+    ]
+    assert "1 passed" in output  # the running test finished; the rest did not start
+    assert log.read_text() == "session_teardown\n"
+
+
+def test_a_second_sigterm_interrupts_at_once(tmp_path: Path) -> None:
+    slave, _ = _start_interruptible(tmp_path)
+    slave.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    slave.send_signal(signal.SIGTERM)
+    output, _ = slave.communicate(timeout=SLAVE_TIMEOUT_S)
+    assert slave.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+    assert events_of(tmp_path)[1:] == [GiveBackEvent(1, "test_steps.py"), CloseEvent(SlaveStatus.NORMAL_EXIT)]
+
+
+IDLE_SOURCE_PLUGIN = """
+import os
+import time
+
+from worker.slave.session import SlaveSession
+from worker.slave.source import FileTask, ListSource
+
+
+class WaitingSource(ListSource):
+    # Hands out one file, then waits for work that never comes, like an empty coordinator queue.
+    def next_task(self):
+        task = super().next_task()
+        if task is None:
+            open(os.environ["IDLE_MARKER"], "w").close()
+            time.sleep(60)
+        return task
+
+
+def pytest_configure(config):
+    source = WaitingSource([FileTask(1, "test_alpha.py", 60, 30)], os.environ["RESULTS"])
+    config.pluginmanager.register(SlaveSession(config, source), "testfleet-slave-session")
+"""
+
+
+def test_sigterm_while_waiting_for_work_ends_the_slave_normally(tmp_path: Path) -> None:
+    root = copy_suites(tmp_path, "passing") / "passing"
+    (tmp_path / "idle_source.py").write_text(IDLE_SOURCE_PLUGIN)
+    marker, results = tmp_path / "idle", tmp_path / "results.jsonl"
+    env = slave_env(IDLE_MARKER=str(marker), RESULTS=str(results), PYTHONPATH=str(tmp_path))
+    slave = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "idle_source",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'bt'}",
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert slave.poll() is None and time.monotonic() < deadline, "the slave never went idle"
+        time.sleep(0.02)
+    slave.send_signal(signal.SIGTERM)
+    output, _ = slave.communicate(timeout=10)
+    assert slave.returncode == 0, output[-3000:]
+    events = read_events(results)
+    assert [type(e) for e in events] == [StartEvent, FinishEvent, CloseEvent]
+    assert events[-1] == CloseEvent(SlaveStatus.NORMAL_EXIT)
+
+
+# -- without activation ----------------------------------------------------------------------
+
+
+def test_loading_the_plugin_without_activation_leaves_pytest_alone(tmp_path: Path) -> None:
+    root = copy_suites(tmp_path, "failing") / "failing"
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_failing.py"]
+    # An inherited slave variable must not turn a nested pytest into a slave.
+    env = slave_env(TESTFLEET_TASKSET_ID="7")
+    runs = [
+        subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=SLAVE_TIMEOUT_S, check=False)
+        for command in (base, [*base, "-p", "worker.slave.plugin"])
+    ]
+    plain, with_plugin = runs
+    assert with_plugin.returncode == plain.returncode == pytest.ExitCode.TESTS_FAILED
+    assert with_plugin.stdout.strip().splitlines()[-1].split(" in ")[0] == "1 failed, 1 passed"
+    assert plain.stdout.strip().splitlines()[-1].split(" in ")[0] == "1 failed, 1 passed"
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+# -- the pure parts ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("timed_out", "load_error", "counts", "status"),
+    [
+        (True, True, (1, 1, 1), TrialStatus.TIMEOUT),
+        (False, True, (1, 0, 0), TrialStatus.ERROR),
+        (False, False, (5, 1, 1), TrialStatus.FAILED),
+        (False, False, (5, 1, 0), TrialStatus.PENDING),
+        (False, False, (5, 0, 0), TrialStatus.PASSED),
+        (False, False, (0, 0, 0), TrialStatus.PENDING),
+    ],
+)
+def test_trial_status_follows_the_protocol(
+    timed_out: bool, load_error: bool, counts: tuple[int, int, int], status: TrialStatus
+) -> None:
+    passed, pending, failed = counts
+    decided = decide_status(timed_out=timed_out, load_error=load_error, passed=passed, pending=pending, failed=failed)
+    assert decided is status
+
+
+def test_task_lists_take_optional_timeouts() -> None:
+    text = "# comment\n\na.py\nspaced name.py 30 10\nb.py 9\n"
+    assert parse_task_list(text, hard_timeout_sec=60, soft_timeout_sec=20) == [
+        FileTask(1, "a.py", 60, 20),
+        FileTask(2, "spaced name.py", 30, 10),
+        FileTask(3, "b.py 9", 60, 20),
+    ]
+    with pytest.raises(ValueError, match="soft <= hard"):
+        parse_task_list("a.py 5 10\n", hard_timeout_sec=60, soft_timeout_sec=20)
+
+
+def test_a_list_source_records_every_event(tmp_path: Path) -> None:
+    first, second = FileTask(1, "a.py", 10, 5), FileTask(2, "b.py", 10, 5)
+    source = ListSource([first, second], tmp_path / "events.jsonl")
+    result = FileResult(TrialStatus.PASSED, 1, 0, 0)
+    assert source.next_task() == first
+    source.start(first)
+    source.finish(first, result)
+    assert source.next_task() == second
+    source.start(second)
+    source.give_back(second)
+    source.close(SlaveStatus.NORMAL_EXIT)
+    assert source.next_task() is None
+    events = read_events(tmp_path / "events.jsonl")
+    assert [type(e) for e in events] == [StartEvent, FinishEvent, StartEvent, GiveBackEvent, CloseEvent]
+    finish = events[1]
+    assert isinstance(finish, FinishEvent) and finish.result == result
+    assert source.results == [(first, result)] and source.given_back == [second]
+
+
+def test_the_watchdog_repeats_the_soft_deadline_and_fires_the_hard_one_once() -> None:
+    softs: list[float] = []
+    hard = threading.Event()
+    watchdog = Watchdog(lambda: softs.append(time.monotonic()), hard.set, repeat_s=0.05)
+    watchdog.start()
+    try:
+        watchdog.arm(0.05, 60)
+        time.sleep(0.3)
+        assert watchdog.soft_fired
+        assert watchdog.disarm() is True
+        fired = len(softs)
+        assert fired >= 3
+        time.sleep(0.1)
+        assert len(softs) == fired, "a disarmed watchdog stays quiet"
+        watchdog.arm(60, 0.05)
+        assert hard.wait(5)
+        assert watchdog.disarm() is False
+    finally:
+        watchdog.stop()
