@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import os
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -56,6 +57,9 @@ def _command(
             print(f"testfleet: {exc}", file=sys.stderr)
         except ProtocolError as exc:
             print(f"testfleet: the coordinator refused: {exc.message}", file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            print("testfleet: internal error (the traceback above)", file=sys.stderr)
         return EXIT_ERROR
 
     return run

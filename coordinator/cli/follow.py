@@ -133,13 +133,17 @@ class Follower:
                 await asyncio.wait_for(self.finished.wait(), TICK_S)
             now = time.monotonic()
             if not peer.connected:
-                lost_since = lost_since or now
+                if lost_since is None:
+                    lost_since = now
+                    self.display.note(f"testfleet: lost the coordinator at {self.client.url}; reconnecting")
                 if now - lost_since > self.disconnect_timeout_s:
                     raise CoordinatorUnavailable(
                         f"the coordinator at {self.client.url} has been unreachable for {now - lost_since:.0f}s"
                     )
                 continue
-            lost_since = None
+            if lost_since is not None:
+                self.display.note(f"testfleet: reconnected after {now - lost_since:.0f}s; following again")
+                lost_since = None
             if now - last_resync >= RESYNC_EVERY_S:
                 last_resync = now
                 try:

@@ -1,7 +1,8 @@
 """`testfleet run`, `submit` and `wait`: submit the suite, follow it, report, exit with the verdict.
 
-Exit codes: 0 succeeded, 1 failed, 2 cancelled or an infrastructure error (no coordinator, a refused
-call, a failed code sync, bad settings). Ctrl-C (or SIGTERM) cancels the taskset the command submitted
+Exit codes: 0 succeeded, 1 failed (a test file failed), 2 cancelled or an infrastructure error (no
+coordinator, a refused call, bad settings, or a taskset failed without a failing file: a worker's code
+sync, setup command or slaves failed). Ctrl-C (or SIGTERM) cancels the taskset the command submitted
 or waits for; a second one leaves at once.
 """
 
@@ -15,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,7 @@ EXIT_FAILED: Final = 1
 EXIT_ERROR: Final = 2
 EXIT_CODES: Final = {TasksetStatus.SUCCEEDED: EXIT_SUCCEEDED, TasksetStatus.FAILED: EXIT_FAILED}
 AVERAGES_BATCH: Final = 20_000
+WORKER_LOG_TAIL: Final = 30
 
 
 def say(text: str) -> None:
@@ -165,7 +168,20 @@ async def report_and_exit_code(client: Client, settings: ClientSettings, ref: Ta
         path = Path(settings.project_dir) / settings.junit_xml
         await asyncio.to_thread(write_junit, report, path)
         say(f"JUnit XML written to {path}")
-    return EXIT_CODES.get(TasksetStatus(report.taskset.status), EXIT_ERROR)
+    status = TasksetStatus(report.taskset.status)
+    if status is TasksetStatus.FAILED and not report.failed_tasks:
+        # Not a test's failure: the code sync, the setup command or the slaves failed on a worker.
+        await print_worker_logs(client, ref)
+        return EXIT_ERROR
+    return EXIT_CODES.get(status, EXIT_ERROR)
+
+
+async def print_worker_logs(client: Client, ref: TasksetRef, lines: int = WORKER_LOG_TAIL) -> None:
+    body = await client.get_json(f"/api/v1/tasksets/{ref.id}/worker_logs")
+    print(f"\ntaskset {ref.id} failed without a failing file; the end of each worker's log:", flush=True)
+    for worker_log in body.get("worker_logs", []):
+        print(f"{'-' * 10} worker {worker_log.get('worker_name')} {'-' * 10}")
+        print("\n".join(str(worker_log.get("log") or "").splitlines()[-lines:]), flush=True)
 
 
 async def follow_and_report(client: Client, settings: ClientSettings, ref: TasksetRef, started_at: float) -> int:
@@ -222,6 +238,11 @@ async def guarded(work: Callable[[], Awaitable[int]], on_interrupt: Callable[[],
         return EXIT_ERROR
     except ProtocolError as exc:
         say(f"the coordinator refused: {exc.message}")
+        return EXIT_ERROR
+    except Exception:
+        # Never exit 1 for a bug of ours: that code means a test failed.
+        traceback.print_exc()
+        say("internal error (the traceback above); exiting 2")
         return EXIT_ERROR
     finally:
         stopper.cancel()

@@ -44,6 +44,17 @@ class _Job:
         self.needs = needs
 
 
+class _Batch:
+    """Jobs applied together: their outcomes and their combined effects."""
+
+    __slots__ = ("fx", "outcomes", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.fx = Effects()
+        self.outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+
+
 class Owner:
     """Owns one `TasksetModel`: commands run one after another, each batch committed before any reply."""
 
@@ -95,61 +106,84 @@ class Owner:
         self._changed = asyncio.Event()
 
     async def _loop(self) -> None:
-        while True:
-            jobs = [await self.queue.get()]
-            while len(jobs) < BATCH and not self.queue.empty():
-                jobs.append(self.queue.get_nowait())
-            await self._run_batch(jobs)
+        """Apply a batch while the previous one commits; commits, replies and notifications stay in order."""
+        committing: asyncio.Task[bool] | None = None
+        try:
+            while True:
+                jobs = [await self.queue.get()]
+                while len(jobs) < BATCH and not self.queue.empty():
+                    jobs.append(self.queue.get_nowait())
+                batch = await self._apply(jobs)
+                if committing is not None and not await committing:
+                    # The previous batch did not commit: this one was built on its state.
+                    self._fail(batch.outcomes, Unavailable("an earlier change could not be committed; try again"))
+                    await self._reload()
+                    committing = None
+                    continue
+                committing = None
+                if batch.outcomes:
+                    committing = asyncio.create_task(self._commit(batch))
+        finally:
+            if committing is not None:
+                committing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await committing
 
-    async def _run_batch(self, jobs: list[_Job]) -> None:
+    async def _apply(self, jobs: list[_Job]) -> _Batch:
+        batch = _Batch(time.perf_counter())
         needs = collections.Counter(job.needs for job in jobs if job.needs is not None)
         for table, count in needs.items():
             try:
                 await self.store.ensure_ids(table, count)
             except Unavailable as exc:
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                return
-        started = time.perf_counter()
+                self._fail([(job, None, None) for job in jobs], exc)
+                return batch
         now = utcnow()
-        fx = Effects()
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        fx = batch.fx
         for job in jobs:
             if job.future.cancelled():
                 continue
             try:
                 result, job_fx = job.command(self.model, now)
             except CoordinatorError as exc:
-                outcomes.append((job, None, exc))
+                batch.outcomes.append((job, None, exc))
                 continue
             except Exception as exc:
                 log.exception("command_failed", taskset_id=self.model.id)
-                outcomes.append((job, None, exc))
+                batch.outcomes.append((job, None, exc))
                 continue
             fx.extend(job_fx)
-            outcomes.append((job, result, None))
+            batch.outcomes.append((job, result, None))
+        return batch
+
+    async def _commit(self, batch: _Batch) -> bool:
+        """Commit, then reply, then notify; `False` (after failing its jobs) when the commit failed."""
+        fx = batch.fx
         try:
             await self.store.commit(fx.writes)
         except Exception as exc:
             log.error("commit_failed", taskset_id=self.model.id, error=str(exc))
-            for job, _, _ in outcomes:
-                if not job.future.done():
-                    job.future.set_exception(exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc)))
-            await self._reload()
-            return
-        for job, result, error in outcomes:
+            self._fail(batch.outcomes, exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc)))
+            return False
+        for job, result, error in batch.outcomes:
             if job.future.done():
                 continue
             if error is None:
                 job.future.set_result(result)
             else:
                 job.future.set_exception(error)
-        self.listener.published(self.model, fx, started)
+        self.listener.published(self.model, fx, batch.started)
         if fx.finished is not None:
             self.listener.taskset_finished(self.model, fx.finished)
         if fx.woke or fx.finished is not None:
             self._wake()
+        return True
+
+    @staticmethod
+    def _fail(outcomes: list[tuple[_Job, Any, BaseException | None]], error: BaseException) -> None:
+        for job, _, _ in outcomes:
+            if not job.future.done():
+                job.future.set_exception(error)
 
     async def _reload(self) -> None:
         """After a failed commit the model may be ahead of the database: read it back."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime as dt
 import importlib.resources
 import math
@@ -63,6 +62,17 @@ _TRANSIENT: Final = (
     asyncpg.CrashShutdownError,
     ConnectionError,
 )
+# Statements that have a `<name>_many` form taking one array per column.
+_SET_BASED: Final = frozenset(
+    {
+        "insert_trial",
+        "start_trial",
+        "finish_trial",
+        "insert_spec_sample",
+        "set_task_status",
+        "set_slave_current_trial",
+    }
+)
 _log = structlog.get_logger("testfleet.store")
 _BLOCKS: Final = {"tasks": 1000, "trials": 1000, "slaves": 1000, "worker_logs": 1000}
 
@@ -95,14 +105,6 @@ class IdBlocks:
         self._end[table] = first + _BLOCKS[table]
 
 
-class _Pending:
-    __slots__ = ("future", "writes")
-
-    def __init__(self, writes: list[Write], future: asyncio.Future[None]) -> None:
-        self.writes = writes
-        self.future = future
-
-
 class Store:
     """All reads and writes of the coordinator."""
 
@@ -110,38 +112,24 @@ class Store:
         self,
         pool: asyncpg.Pool,
         *,
-        parallel_commits: int = 4,
+        parallel_commits: int = 12,
         observe_commit: Callable[[float, int], None] | None = None,
         retry_s: float = 15.0,
     ) -> None:
         self.pool = pool
         self.retry_s = retry_s
         self._ids = IdBlocks()
-        self._pending: list[_Pending] = []
-        self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(parallel_commits)
         self._observe = observe_commit
-        self._committer: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         for table in ("trials", "slaves", "worker_logs"):
             await self.reserve(table)
-        self._committer = asyncio.create_task(self._commit_loop(), name="store-committer")
 
     async def close(self) -> None:
-        if self._committer is not None:
-            self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-        for pending in self._pending:
-            if not pending.future.done():
-                pending.future.set_exception(Unavailable("the coordinator is shutting down"))
-        self._pending.clear()
+        """Nothing to release: the pool belongs to whoever made it."""
 
     # -- ids ---------------------------------------------------------------------
 
@@ -170,52 +158,14 @@ class Store:
     # -- group commit ------------------------------------------------------------
 
     async def commit(self, writes: list[Write]) -> None:
-        """Commit these writes, in one transaction with whatever other owners are committing now."""
+        """Commit these writes in one transaction (concurrent callers use separate connections)."""
         if not writes:
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(writes, future))
-        self._wakeup.set()
-        await future
-
-    async def _commit_loop(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                await self._slots.acquire()
-                batch, self._pending = self._pending, []
-                task = asyncio.create_task(self._commit_batch(batch))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-
-    async def _commit_batch(self, batch: list[_Pending]) -> None:
-        try:
+        async with self._slots:
             try:
-                await self._run([w for p in batch for w in p.writes])
+                await self._run(writes)
             except Exception as exc:
-                if len(batch) == 1:
-                    raise
-                # One owner's bad write must not fail the others: commit each alone.
-                del exc
-                for pending in batch:
-                    try:
-                        await self._run(pending.writes)
-                    except Exception as one_exc:
-                        pending.future.set_exception(_translate(one_exc))
-                    else:
-                        pending.future.set_result(None)
-                return
-        except Exception as exc:
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(_translate(exc))
-        else:
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_result(None)
-        finally:
-            self._slots.release()
+                raise _translate(exc) from exc
 
     async def _run(self, writes: list[Write]) -> None:
         """Commit writes in one transaction, trying again while the database is unreachable.
@@ -244,6 +194,9 @@ class Store:
             for query, rows in groups.items():
                 if len(rows) == 1:
                     await conn.execute(QUERIES[query], *rows[0])
+                elif query in _SET_BASED:
+                    # One statement over column arrays: far cheaper than a statement per row.
+                    await conn.execute(QUERIES[f"{query}_many"], *_columns(rows))
                 else:
                     await conn.executemany(QUERIES[query], rows)
         if self._observe is not None:
@@ -434,6 +387,11 @@ async def _reserve_in(conn: Any, table: str, count: int) -> int:
         else:
             end += block
     return first
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows of arguments turned into one list per column."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _translate(exc: BaseException) -> Exception:

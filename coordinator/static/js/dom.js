@@ -36,6 +36,12 @@ export function s(tag, attrs, ...children) {
   return build(document.createElementNS(SVG_NS, tag), attrs, children);
 }
 
+/** A path as text with a line-break opportunity after each "/" (as <wbr> elements, not markup). */
+export function pathText(path) {
+  const parts = path.split("/");
+  return parts.flatMap((part, index) => (index < parts.length - 1 ? [`${part}/`, document.createElement("wbr")] : [part]));
+}
+
 export function clear(element) {
   element.replaceChildren();
   return element;

@@ -3,6 +3,31 @@
 import { parseTime } from "./dom.js";
 import { trialMs } from "./model.js";
 
+/** History is in whole seconds, rounded down: a file under a second counts as half of one. */
+function historyMs(seconds) {
+  return Math.max(seconds, 0.5) * 1000;
+}
+
+/** How much slower (> 1) or faster this run goes than history says, from the files it has finished. */
+function paceAgainstHistory(state, now) {
+  let observed = 0;
+  let expected = 0;
+  let samples = 0;
+  for (const task of state.tasks.values()) {
+    const history = state.averages.get(task.spec_sha1);
+    if (history === null || history === undefined) continue;
+    for (const trial of state.trialsOf(task)) {
+      if (trial.status !== "passed" && trial.status !== "pending") continue;
+      const ms = trialMs(trial, now);
+      if (ms === null) continue;
+      observed += ms;
+      expected += historyMs(history);
+      samples += 1;
+    }
+  }
+  return samples >= 3 && expected > 0 ? observed / expected : 1;
+}
+
 /**
  * @returns {{ms: number, basis: string, slaves: number} | null}  null when there is nothing to go on
  */
@@ -16,6 +41,7 @@ export function estimate(state, now = Date.now()) {
     }
   }
   const observedMean = observed.length ? observed.reduce((a, b) => a + b, 0) / observed.length : null;
+  const pace = paceAgainstHistory(state, now);
   let known = 0;
   let fromHistory = 0;
   let unknown = 0;
@@ -26,7 +52,7 @@ export function estimate(state, now = Date.now()) {
     const history = state.averages.get(task.spec_sha1);
     let expected = null;
     if (history !== null && history !== undefined) {
-      expected = history * 1000;
+      expected = historyMs(history) * pace;
       fromHistory += 1;
     } else if (observedMean !== null) {
       expected = observedMean;

@@ -55,6 +55,7 @@ export class Live {
 
   close() {
     this.closed = true;
+    announce("idle");
     clearTimeout(this.timer);
     this.timer = null;
     window.removeEventListener("online", this.onWake);

@@ -79,7 +79,10 @@ export function timeline(state, width, hrefOf, tips = new Map(), now = Date.now(
       s("text", { class: "lane-label", x: 18, y: y + LANE / 2 + 4 }, clip(slave.name, labelWidth - 22)));
   });
 
-  // Bars.
+  // Bars. A running trial well past what its file usually takes is a straggler.
+  const finished = trials.filter((t) => t.status === "passed" || t.status === "pending").map((t) => endOf(t) - startOf(t))
+    .sort((a, b) => a - b);
+  const typical = finished.length ? finished[Math.floor(finished.length / 2)] : null;
   const bars = s("g", { class: "bars" });
   for (const trial of trials) {
     const task = state.tasks.get(trial.task_id);
@@ -90,19 +93,24 @@ export function timeline(state, width, hrefOf, tips = new Map(), now = Date.now(
     const x0 = x(start);
     const barWidth = Math.max(3, x(end) - x0);
     const status = trial.status || "running";
+    const history = task ? state.averages.get(task.spec_sha1) : null;
+    const expected = history !== null && history !== undefined ? history * 1000 : typical;
+    const straggling = !trial.status && expected !== null && end - start > Math.max(2 * expected, 5000);
     const slave = state.slaves.get(trial.slave_id);
     const bar = s("a", {
       href: hrefOf(trial), class: "bar-link", "aria-label": task ? task.spec_path : `task ${trial.task_id}`,
       "data-trial-id": String(trial.id),
     },
     s("rect", {
-      class: ["bar", attempt > 1 && "retry"], "data-status": status, x: x0, y, width: barWidth, height: BAR, rx: 3,
+      class: ["bar", attempt > 1 && "retry", straggling && "straggler"], "data-status": status,
+      x: x0, y, width: barWidth, height: BAR, rx: 3,
     }));
     tips.set(trial.id, [
       task ? task.spec_path : `task ${trial.task_id}`,
       `${statusLabel(status)} · ${duration(end - start)}${attempt > 1 ? ` · try ${attempt}` : ""}`,
       slave ? slave.name : `slave ${trial.slave_id}`,
-    ]);
+      straggling ? `straggling: usually about ${duration(expected)}` : null,
+    ].filter(Boolean));
     if (barWidth > 60 && task) {
       bar.append(s("text", { class: ["bar-label", status === "running" && "on-running"], x: x0 + 5, y: y + BAR - 4 },
         clip(basename(task.spec_path), barWidth - 8)));
@@ -127,7 +135,8 @@ export function legend() {
   const item = (status) => h("span", { class: "legend-item" }, h("span", { class: "swatch", dataset: { status } }),
     statusLabel(status));
   return h("div", { class: "legend" }, ["passed", "pending", "failed", "error", "timeout", "running"].map(item),
-    h("span", { class: "legend-item" }, h("span", { class: "swatch retry" }), "retry"));
+    h("span", { class: "legend-item" }, h("span", { class: "swatch retry" }), "retry"),
+    h("span", { class: "legend-item" }, h("span", { class: "swatch straggler" }), "straggler"));
 }
 
 /** The timeline with a tooltip that survives redraws (the chart is redrawn every second while running). */

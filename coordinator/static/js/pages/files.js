@@ -1,7 +1,7 @@
 // A taskset's files: the sortable table (failures first), and one file's trials with their output on demand.
 
 import { get } from "../api.js";
-import { duration, h, localTime, parseTime, plainText, plural, ticking } from "../dom.js";
+import { duration, h, localTime, parseTime, pathText, plainText, plural, ticking } from "../dom.js";
 import { fileStatus, isProblem, trialMs } from "../model.js";
 import { empty, failure, link, pill, statusLabel } from "../widgets.js";
 
@@ -71,7 +71,7 @@ export function filesTable(state, view, tasksetId) {
     ? empty("This taskset has no files")
     : h("div", { class: "table-wrap" }, h("table", { class: "files" },
       h("thead", {}, h("tr", {},
-        header("status", "Status"), header("path", "File", "wide"), header("trials", "Trials"),
+        header("status", "Status"), header("path", "File", "wide"), header("trials", "Trials", "hide-sm"),
         header("duration", "Duration", "num"))),
       h("tbody", {}, visible.map((row) => fileRow(row, tasksetId)))));
   const more = shown.length > visible.length
@@ -94,8 +94,8 @@ function fileRow(row, tasksetId) {
     },
   },
   h("td", {}, pill(status), row.problem && status === "passed" ? h("span", { class: "flaky", title: "passed after a failed try" }, "flaky") : null),
-  h("td", { class: "wide path" }, link(target, task.spec_path)),
-  h("td", {}, trialDots(trials)),
+  h("td", { class: "wide path" }, link(target, ...pathText(task.spec_path))),
+  h("td", { class: "hide-sm" }, trialDots(trials)),
   h("td", { class: "num" }, running
     ? ticking("duration", parseTime(last.started_at) ?? parseTime(last.created_at))
     : duration(row.ms)));
@@ -110,9 +110,11 @@ export function trialDots(trials) {
 // -- one file ---------------------------------------------------------------------------
 
 const outputs = new Map(); // trial id → Promise of the trial with its output (finished trials only)
+const KEEP_OUTPUTS = 20;
 
 function loadOutput(trialId) {
   if (!outputs.has(trialId)) {
+    if (outputs.size >= KEEP_OUTPUTS) outputs.delete(outputs.keys().next().value);
     const request = get(`/trials/${trialId}`).then((trial) => {
       if (!trial.status) outputs.delete(trialId);
       return trial;
@@ -147,7 +149,7 @@ export function filePanelTop(state, taskId, trialId, tasksetId) {
       } },
     h("td", {}, String(index + 1)),
     h("td", {}, pill(trial.status || "running")),
-    h("td", {}, slave ? slave.name : `slave ${trial.slave_id}`),
+    h("td", { class: "mono" }, slave ? slave.name : `slave ${trial.slave_id}`),
     h("td", { class: "hide-sm muted" }, localTime(parseTime(trial.started_at) ?? parseTime(trial.created_at))),
     h("td", { class: "num" }, trial.status
       ? duration(trialMs(trial))
@@ -156,7 +158,7 @@ export function filePanelTop(state, taskId, trialId, tasksetId) {
     h("td", { class: "num" }, chosen ? h("span", { class: "muted" }, "shown below") : link(href, "Output")));
   });
   return [
-    h("div", { class: "section-head" }, h("h2", { class: "path" }, task.spec_path), pill(status), close),
+    h("div", { class: "section-head" }, h("h2", { class: "path" }, ...pathText(task.spec_path)), pill(status), close),
     h("dl", { class: "facts" },
       fact("Tries", `${trials.length} of at most ${state.taskset.max_trials}`),
       fact("Soft / hard timeout", `${task.soft_timeout_sec} s / ${task.hard_timeout_sec} s`),

@@ -22,6 +22,9 @@ export class TasksetPage {
         this.render();
       } };
     this.error = null;
+    this.held = null;
+    this.ticks = 0;
+    this.scrollToFile = Boolean(route.file);
     this.averagesAsked = false;
     this.output = { trialId: null, finished: false };
     this.render = coalesce(() => this.draw());
@@ -53,7 +56,10 @@ export class TasksetPage {
     this.resize = new ResizeObserver(() => this.render());
     this.resize.observe(this.timeline.element);
     this.clock = setInterval(() => {
-      if (this.state.active) this.drawMoving();
+      // A big timeline is costly to redraw: every few seconds is enough for it to grow.
+      this.ticks += 1;
+      const every = this.state.trials.size > 3000 ? 5 : 1;
+      if (this.state.active && this.ticks % every === 0) this.drawMoving();
     }, 1000);
     this.live = new Live({
       subscribe: (live) => live.call("listen_to_taskset", [["taskset", this.id]]),
@@ -78,7 +84,7 @@ export class TasksetPage {
     const fileChanged = route.file !== this.route.file;
     this.route = route;
     this.render();
-    if (route.file && fileChanged) requestAnimationFrame(() => this.panel.scrollIntoView({ block: "start" }));
+    if (route.file && fileChanged) this.scrollToFile = true;
   }
 
   unmount() {
@@ -116,12 +122,29 @@ export class TasksetPage {
   }
 
   note(method, params) {
+    if (this.held) {
+      this.held.push([method, params]);
+      return;
+    }
     const wasActive = this.state.active;
     this.state.apply(method, params);
-    if (wasActive && !this.state.active) {
-      // Start times of trials travel only in the read API: read it once more for an exact timeline.
-      this.sync().catch(() => {});
+    if (wasActive && !this.state.active) this.refresh();
+    this.render();
+  }
+
+  /** Read the state again while the connection stays up, holding notifications meanwhile (as a resync does).
+   *  Used once a taskset finishes: trials' start times travel only in the read API. */
+  async refresh() {
+    if (this.held) return;
+    this.held = [];
+    try {
+      await this.sync();
+    } catch (error) {
+      // The next reconnect resyncs anyway.
     }
+    const held = this.held;
+    this.held = null;
+    this.state.replay(held);
     this.render();
   }
 
@@ -155,6 +178,10 @@ export class TasksetPage {
       if (key.trialId !== this.output.trialId || key.finished !== this.output.finished) {
         this.output = key;
         fill(this.outputBox, belongs ? outputView(trial) : null);
+      }
+      if (this.scrollToFile) {
+        this.scrollToFile = false;
+        requestAnimationFrame(() => this.panel.scrollIntoView({ block: "start" }));
       }
     } else {
       this.panel.hidden = true;

@@ -173,7 +173,7 @@ function table(tasksets) {
     h("thead", {}, h("tr", {},
       h("th", {}, "Taskset"), h("th", {}, "Status"), h("th", { class: "wide" }, "Progress"),
       h("th", { class: "hide-sm" }, "Results"), h("th", { class: "hide-sm" }, "Created"),
-      h("th", { class: "num" }, "Duration"))),
+      h("th", { class: "num hide-sm" }, "Duration"))),
     h("tbody", {}, tasksets.map(row))));
 }
 
@@ -199,8 +199,9 @@ function row(taskset) {
   h("td", { class: "wide" },
     h("div", { class: "progress-cell" },
       progressBar({ total, ...counts }),
-      h("span", { class: "fraction" }, `${decided} / ${total}`))),
+      h("span", { class: "fraction" }, `${decided} / ${total}`,
+        h("span", { class: "show-sm" }, " · ", ticking("duration", created, parseTime(taskset.finished_at)))))),
   h("td", { class: "hide-sm" }, countsLine(counts)),
   h("td", { class: "hide-sm muted" }, ticking("ago", created)),
-  h("td", { class: "num" }, ticking("duration", created, parseTime(taskset.finished_at))));
+  h("td", { class: "num hide-sm" }, ticking("duration", created, parseTime(taskset.finished_at))));
 }

@@ -25,9 +25,10 @@ export function slavesTable(state, tasksetId) {
       return h("tr", { dataset: { slaveId: String(slave.id) } },
         h("td", { class: "mono" }, slave.name),
         h("td", {}, pill(slave.status || (running ? "running" : "idle"))),
-        h("td", { class: "path nowrap" }, task
+        h("td", { class: "running-now" }, task
           ? [basenameLink(`/tasksets/${tasksetId}/files/${task.id}`, task.spec_path), " ",
-            h("span", { class: "muted" }, ticking("duration", parseTime(running.started_at) ?? parseTime(running.created_at)))]
+            h("span", { class: "muted nowrap" },
+              ticking("duration", parseTime(running.started_at) ?? parseTime(running.created_at)))]
           : h("span", { class: "muted" }, slave.status ? "—" : "waiting for work")),
         h("td", { class: "num" }, String(stat.tries),
           stat.failing ? h("span", { class: "failed-text", title: "tries that failed, errored or timed out" },
@@ -35,10 +36,11 @@ export function slavesTable(state, tasksetId) {
     }))));
 }
 
-/** A link showing a path's last part, the whole path in its tooltip. */
+/** A link showing a path's last two parts, the whole path in its tooltip. */
 function basenameLink(route, path) {
-  const anchor = link(route, path.slice(path.lastIndexOf("/") + 1));
+  const anchor = link(route, path.split("/").slice(-2).join("/"));
   anchor.title = path;
+  anchor.classList.add("path");
   return anchor;
 }
 

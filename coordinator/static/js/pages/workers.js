@@ -39,10 +39,15 @@ export class WorkersPage {
   async load() {
     try {
       const [{ workers }, { tasksets }] = await Promise.all([get("/workers"), get("/tasksets?active=true&limit=500")]);
+      const known = new Map(tasksets.map((t) => [t.id, t]));
+      // A worker may still hold a taskset that has just finished: read those one by one.
+      const missing = [...new Set(workers.map((w) => w.taskset_id))].filter((id) => id !== null && !known.has(id));
+      const extra = await Promise.all(missing.slice(0, 50).map((id) => get(`/tasksets/${id}`).catch(() => null)));
+      for (const taskset of extra) if (taskset) known.set(taskset.id, taskset);
       if (this.closed) return;
       this.loadedAt = Date.now();
       fill(this.errorBox);
-      this.draw(workers, new Map(tasksets.map((t) => [t.id, t])));
+      this.draw(workers, known);
     } catch (error) {
       if (this.closed) return;
       fill(this.errorBox, failure(error));
@@ -74,6 +79,7 @@ export class WorkersPage {
           running = taskset
             ? h("div", { class: "progress-cell" },
               link(`/tasksets/${taskset.id}`, taskset.rsync_name, h("span", { class: "muted" }, ` #${taskset.id}`)),
+              pill(taskset.status),
               progressBar({ total: taskset.task_count, passed: taskset.passed_count, pending: taskset.pending_count,
                 failed: taskset.failed_count }),
               h("span", { class: "hide-sm" }, countsLine({ passed: taskset.passed_count, pending: taskset.pending_count,
