@@ -1,0 +1,95 @@
+"""The worker's settings: flags over environment over defaults, validated at the edge."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from worker.config import SettingsError, WorkerSettings, build_parser, normalize_coordinator_url, settings_from_args
+
+
+def test_flags_win_over_environment() -> None:
+    env = {"TESTFLEET_COORDINATOR": "http://env:1", "TESTFLEET_SLAVES": "3", "TESTFLEET_WORKER_TYPE": "gpu"}
+    settings = settings_from_args(["--coordinator", "http://flag:7878/", "--slaves", "5"], env)
+    assert settings.coordinator_url == "http://flag:7878"
+    assert settings.slaves == 5
+    assert settings.worker_type == "gpu"
+
+
+def test_every_flag_reads_its_environment_variable() -> None:
+    env = {
+        "TESTFLEET_COORDINATOR": "https://coord.example:443",
+        "TESTFLEET_WORKER_NAME": "box-1",
+        "TESTFLEET_WORKER_TYPE": "big",
+        "TESTFLEET_SLAVES": "7",
+        "TESTFLEET_WORK_DIR": "/tmp/tf-work",
+        "TESTFLEET_RSYNC_REMOTE_PATH": "host:/srv/code",
+        "TESTFLEET_RSYNC_OPTIONS": "-z --exclude='a b'",
+        "TESTFLEET_TOKEN": "sekret",
+        "TESTFLEET_SLAVE_GRACE_SEC": "2.5",
+        "TESTFLEET_LOG_LEVEL": "DEBUG",
+    }
+    settings = settings_from_args([], env)
+    assert settings == WorkerSettings(
+        coordinator_url="https://coord.example:443",
+        name="box-1",
+        worker_type="big",
+        slaves=7,
+        work_dir="/tmp/tf-work",
+        rsync_remote_path="host:/srv/code",
+        rsync_options=("-z", "--exclude=a b"),
+        token="sekret",
+        slave_grace_sec=2.5,
+        log_level="debug",
+    )
+    assert settings.bundle_url("my.project") == "https://coord.example:443/api/v1/bundles/my.project"
+
+
+def test_defaults() -> None:
+    settings = settings_from_args(["--coordinator", "ws://127.0.0.1:7878/ws"], {})
+    assert settings.coordinator_url == "http://127.0.0.1:7878"
+    assert settings.slaves == (os.cpu_count() or 1)
+    assert settings.worker_type == "default"
+    assert settings.slave_grace_sec == 5.0
+    assert settings.rsync_remote_path is None
+    assert settings.token is None
+    assert settings.heartbeat_sec < 10
+    assert settings.work_dir.endswith((".cache/testfleet/work", f"testfleet-work-{os.getuid()}"))
+    other = settings_from_args(["--coordinator", "http://x"], {})
+    assert settings.name != other.name, "the default name carries a unique suffix"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--coordinator", "ftp://x"],
+        ["--coordinator", "http://x", "--slaves", "0"],
+        ["--coordinator", "http://x", "--slaves", "many"],
+        ["--coordinator", "http://x", "--slave-grace-sec", "-1"],
+        ["--coordinator", "http://x", "--name", "../etc"],
+        ["--coordinator", "http://x", "--rsync-options", "'unbalanced"],
+        ["--coordinator", "http://x", "--log-level", "loud"],
+    ],
+)
+def test_bad_settings_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SettingsError):
+        settings_from_args(argv, {})
+
+
+def test_url_normalization() -> None:
+    assert normalize_coordinator_url("wss://h:1/prefix/ws/") == "https://h:1/prefix"
+    assert normalize_coordinator_url("http://h") == "http://h"
+
+
+def test_help_names_each_variable() -> None:
+    text = build_parser().format_help()
+    for var in ("TESTFLEET_COORDINATOR", "TESTFLEET_SLAVES", "TESTFLEET_RSYNC_OPTIONS", "TESTFLEET_SLAVE_GRACE_SEC"):
+        assert var in text
+
+
+def test_settings_are_frozen() -> None:
+    settings = settings_from_args(["--coordinator", "http://x"], {})
+    with pytest.raises(AttributeError):
+        settings.slaves = 3  # type: ignore[misc]

@@ -1,0 +1,65 @@
+"""`python -m worker`: parse the settings, set up logging and signals, run the daemon until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from protocol.errors import ProtocolError
+from worker.config import SettingsError, WorkerSettings, build_parser, settings_from_namespace
+from worker.daemon import Daemon
+from worker.slaves import become_subreaper
+
+
+def configure_logging(level: str) -> None:
+    """structlog events on stderr: readable on a terminal, JSON lines otherwise."""
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+async def serve(settings: WorkerSettings) -> int:
+    """Run the daemon; SIGTERM or SIGINT stops its slaves and ends it with 0."""
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.set)
+    try:
+        await Daemon(settings, reap_orphans=become_subreaper()).run(shutdown)
+    except ProtocolError as exc:
+        structlog.get_logger("testfleet.worker").error("worker_refused", error=exc.message, code=int(exc.code))
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_namespace(args, os.environ)
+    except SettingsError as exc:
+        parser.error(str(exc))
+    configure_logging(settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
