@@ -472,7 +472,9 @@ class TasksetModel:
             hash_ = TasksetHash(pending_count=count)
         else:
             hash_ = TasksetHash(failed_count=count)
-        fx.notes.append(TasksetUpdated(stamp, self.ref, hash_))
+        counts_note = TasksetUpdated(stamp, self.ref, hash_)
+        fx.notes.append(counts_note)
+        fx.global_notes.append(counts_note)
         final = None
         if self.undecided == 0:
             final = TasksetStatus.FAILED if self.decided[TaskStatus.FAILED] else TasksetStatus.SUCCEEDED

@@ -117,8 +117,8 @@ FROM worker_logs WHERE taskset_id = $1 ORDER BY id;
 -- name: get_trial
 -- One trial with its output.
 SELECT r.id, r.task_id, r.slave_id, r.status, r.created_at, r.started_at, r.finished_at, r.passed, r.pending,
-       r.failed, r.stdout, r.stderr
-FROM trials r WHERE r.id = $1;
+       r.failed, r.stdout, r.stderr, t.taskset_id, t.spec_path
+FROM trials r JOIN tasks t ON t.id = r.task_id WHERE r.id = $1;
 
 -- name: taskset_of_task
 -- The taskset a task belongs to.

@@ -180,7 +180,7 @@ async def get_trial(request: web.Request) -> web.StreamResponse:
     row = None if trial_id is None else await _coordinator(request).store.fetchrow("get_trial", trial_id)
     if row is None:
         return not_found(f"no trial {request.match_info['id']}")
-    return web.json_response(record(row, (*TRIAL_FIELDS, "stdout", "stderr")))
+    return web.json_response(record(row, (*TRIAL_FIELDS, "stdout", "stderr", "taskset_id", "spec_path")))
 
 
 @viewer
@@ -257,7 +257,9 @@ def openapi_document() -> dict[str, Any]:
         "failed": maybe_int,
     }
     trial = _schema_object(trial_fields)
-    trial_with_output = _schema_object({**trial_fields, "stdout": maybe_string, "stderr": maybe_string})
+    trial_with_output = _schema_object(
+        {**trial_fields, "stdout": maybe_string, "stderr": maybe_string, "taskset_id": integer, "spec_path": string}
+    )
     task = _schema_object(
         {
             "id": integer,
