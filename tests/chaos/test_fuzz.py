@@ -140,7 +140,7 @@ def test_ws_fuzz_connection_survives(coordinator: tuple[str, Path], batch: list[
     asyncio.run(go())
 
 
-def test_read_api_by_schema(coordinator: tuple[str, Path]) -> None:
+def test_read_api_by_schema(coordinator: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = coordinator
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     if exe is None:
@@ -162,6 +162,7 @@ def test_read_api_by_schema(coordinator: tuple[str, Path]) -> None:
         text=True,
         timeout=300,
         check=False,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
