@@ -21,13 +21,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Final
 
+from coordinator.cli.errors import CliError
+
 FIXED_MTIME: Final = 315532800  # 1980-01-01T00:00:00Z
 ALWAYS_EXCLUDED: Final = frozenset({".git", ".testfleet"})
 OUTSIDE_GIT_EXCLUDED: Final = frozenset({"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"})
 RSYNC_WILDCARDS: Final = ("*", "?", "[")
 
 
-class BundleError(Exception):
+class BundleError(CliError):
     """The project's files could not be listed, archived or synced."""
 
 

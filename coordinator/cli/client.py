@@ -16,6 +16,7 @@ from typing import Any, Final
 import aiohttp
 import msgspec
 
+from coordinator.cli.errors import CliError
 from protocol.codec import CONTENT_TYPES, Codec, Response, decode_frame, decode_result, encode_request, lookup
 from protocol.errors import ProtocolError
 from protocol.messages import COORDINATOR_METHODS
@@ -24,11 +25,11 @@ RETRY_STATUSES: Final = frozenset({502, 503, 504})
 _TRANSIENT: Final = (aiohttp.ClientConnectionError, aiohttp.ServerDisconnectedError, TimeoutError)
 
 
-class CoordinatorUnavailable(Exception):
+class CoordinatorUnavailable(CliError):
     """The coordinator could not be reached, or kept failing, for longer than the client waits."""
 
 
-class ApiError(Exception):
+class ApiError(CliError):
     """The read API or a bundle endpoint answered with an error status."""
 
     def __init__(self, status: int, message: str) -> None:

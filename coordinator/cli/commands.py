@@ -15,8 +15,9 @@ from typing import Any
 
 import msgspec
 
-from coordinator.cli.client import ApiError, Client, CoordinatorUnavailable
-from coordinator.cli.config import CONNECTION, ConfigError, add_options, add_project_dir, resolve
+from coordinator.cli.client import Client
+from coordinator.cli.config import CONNECTION, add_options, add_project_dir, resolve
+from coordinator.cli.errors import CliError
 from coordinator.cli.report import fetch_report, print_failures
 from coordinator.cli.run import quiet_logging
 from protocol.errors import ProtocolError
@@ -51,9 +52,7 @@ def _command(
         quiet_logging()
         try:
             return asyncio.run(main(args))
-        except ConfigError as exc:
-            print(f"testfleet: {exc}", file=sys.stderr)
-        except (CoordinatorUnavailable, ApiError) as exc:
+        except CliError as exc:
             print(f"testfleet: {exc}", file=sys.stderr)
         except ProtocolError as exc:
             print(f"testfleet: the coordinator refused: {exc.message}", file=sys.stderr)

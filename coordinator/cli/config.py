@@ -20,6 +20,8 @@ from typing import Annotated, Any, Final, Literal, NamedTuple
 import msgspec
 from msgspec import Meta
 
+from coordinator.cli.errors import CliError
+
 DEFAULT_COORDINATOR: Final = "http://127.0.0.1:7878"
 DEFAULT_SLAVE_COMMAND: Final = "testfleet slave"
 RSYNC_NAME_PATTERN: Final = r"^[A-Za-z0-9_][A-Za-z0-9._@+-]*$"
@@ -30,7 +32,7 @@ PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 Progress = Literal["auto", "live", "plain", "none"]
 
 
-class ConfigError(ValueError):
+class ConfigError(CliError):
     """The flags, environment or `[tool.testfleet]` do not make valid settings."""
 
 

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePath
 from typing import Any, Final, NamedTuple
 
+from coordinator.cli.errors import CliError
+
 DEFAULT_PYTHON_FILES: Final = ("test_*.py", "*_test.py")
 DEFAULT_NORECURSEDIRS: Final = ("*.egg", ".*", "_darcs", "build", "CVS", "dist", "node_modules", "venv", "{arch}")
 CONFIG_NAMES: Final = (
@@ -32,7 +34,7 @@ CONFIG_NAMES: Final = (
 )
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(CliError):
     """The paths or the pytest configuration do not name test files."""
 
 

@@ -122,6 +122,8 @@ class Follower:
         try:
             return await self._watch(peer)
         finally:
+            # Also when interrupted: a live display must give the terminal back (cursor, last line).
+            self.display.close(self.state)
             await peer.close()
 
     async def _watch(self, peer: Peer) -> TasksetStatus:
@@ -150,5 +152,5 @@ class Follower:
                     self.apply_summary(await peer.call("query_taskset_summary", self.ref, timeout=RESYNC_EVERY_S))
                 except Exception:  # noqa: S112 - the next tick or reconnect resyncs
                     continue
-        self.display.close(self.state)
+        self.state.running.clear()  # a speculative duplicate may still run; it changes nothing now
         return TasksetStatus(self.state.status)

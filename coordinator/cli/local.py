@@ -42,9 +42,9 @@ from coordinator.cli.config import (
     add_options,
     add_project_dir,
 )
+from coordinator.cli.errors import CliError
 from coordinator.cli.run import (
     EXIT_ERROR,
-    CliError,
     Submission,
     cancel_submitted,
     follow_and_report,
@@ -248,7 +248,8 @@ async def local_async(settings: ClientSettings, paths: Sequence[str]) -> int:
         async with embedded_fleet(settings, data_dir, client_token) as (url, fleet):
             slave_command = settings.slave_command
             if slave_command == DEFAULT_SLAVE_COMMAND:
-                slave_command = f"exec {shlex.quote(sys.executable)} -m coordinator.cli.main slave"
+                # `testfleet slave` with this interpreter, one exec fewer (the module is named, not imported).
+                slave_command = f"exec {shlex.quote(sys.executable)} -m worker.slave"
             local_settings = msgspec.structs.replace(
                 settings, coordinator=url, token=client_token, slave_command=slave_command
             )

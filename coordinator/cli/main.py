@@ -35,7 +35,7 @@ SUBCOMMANDS: Final[dict[str, Subcommand]] = {
 
 # Worker and slave code never shares a process with coordinator code: those subcommands
 # replace this process with the worker's own entry point.
-EXEC_MODULES: Final[dict[str, str]] = {}
+EXEC_MODULES: Final[dict[str, str]] = {"worker": "worker", "slave": "worker.slave"}
 
 
 def _not_implemented(name: str) -> Callable[[argparse.Namespace], int]:

@@ -123,7 +123,10 @@ class PlainDisplay:
 
     def close(self, state: RunState) -> None:
         now = time.monotonic()
-        self._print(f"[{format_duration(now - state.started_at)}] {status_line(state, now)}")
+        line = status_line(state, now)
+        if line != self._last_line:
+            self._print(f"[{format_duration(now - state.started_at)}] {line}")
+            self._last_line = line
 
 
 class LiveDisplay:
@@ -169,6 +172,7 @@ class LiveDisplay:
         if self.task is not None:
             self.refresh(state)
             self.progress.stop()
+            self.task = None
 
 
 def choose_display(mode: str, stream: IO[str] | None = None) -> Display:

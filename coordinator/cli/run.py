@@ -25,7 +25,7 @@ from typing import Final
 import structlog
 
 from coordinator.cli import bundle
-from coordinator.cli.client import ApiError, Client, CoordinatorUnavailable
+from coordinator.cli.client import Client, CoordinatorUnavailable
 from coordinator.cli.config import (
     CONNECTION,
     LOCAL,
@@ -37,7 +37,8 @@ from coordinator.cli.config import (
     add_project_dir,
     resolve,
 )
-from coordinator.cli.discover import DiscoveryError, discover, sha1_of
+from coordinator.cli.discover import discover, sha1_of
+from coordinator.cli.errors import CliError
 from coordinator.cli.follow import Follower
 from coordinator.cli.junit import write_junit
 from coordinator.cli.progress import choose_display
@@ -57,10 +58,6 @@ WORKER_LOG_TAIL: Final = 30
 def say(text: str) -> None:
     """A line of the client's own chatter, on stderr."""
     print(f"testfleet: {text}", file=sys.stderr, flush=True)
-
-
-class CliError(Exception):
-    """A failure the client reports in one line and exits 2 for."""
 
 
 @dataclass
@@ -233,7 +230,7 @@ async def guarded(work: Callable[[], Awaitable[int]], on_interrupt: Callable[[],
             await on_interrupt()
             return EXIT_ERROR
         return task.result()
-    except (CliError, ConfigError, DiscoveryError, bundle.BundleError, CoordinatorUnavailable, ApiError) as exc:
+    except CliError as exc:
         say(str(exc))
         return EXIT_ERROR
     except ProtocolError as exc:

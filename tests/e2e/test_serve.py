@@ -97,6 +97,7 @@ def test_serve_refuses_public_bind_with_open_roles(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert out.returncode == 2
     assert "refusing to listen on 0.0.0.0" in out.stderr and "--insecure" in out.stderr
@@ -105,6 +106,7 @@ def test_serve_refuses_public_bind_with_open_roles(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     if os.geteuid() == 0:
         assert out.returncode == 2 and "/root" in out.stderr
