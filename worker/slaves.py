@@ -177,6 +177,8 @@ class OwnedProcess:
         self._pipe = pipe
         self._terminator: asyncio.Task[None] | None = None
         self.hard_timeout_killed = False
+        self.killed = False
+        """The worker sent SIGKILL to the group."""
 
     @property
     def returncode(self) -> int | None:
@@ -240,6 +242,7 @@ class OwnedProcess:
         await self._kill()
 
     async def _kill(self) -> None:
+        self.killed = True
         self.signal_group(signal.SIGKILL)
         await self.proc.wait()
         await self._until_gone(KILL_WAIT_S)
@@ -514,6 +517,10 @@ class SlavePool:
         for key in [k for k in self._first_seen if k[0] == name]:
             del self._first_seen[key]
         status = exit_status(code, child.hard_timeout_killed)
+        if self._stopping and status is SlaveStatus.FAILURE_EXIT and not child.killed:
+            # Gone within the grace after our TERM: the slave gave its file back and reported itself;
+            # the `bash -ex` that ran its command dying of that TERM is no failure of the slave.
+            status = None
         return SlaveExit(slot, name, code, status, self._stopping, trial_id, dump)
 
     async def _watch_hard_timeouts(self) -> None:

@@ -50,6 +50,7 @@ from typing import Final, cast
 
 import pytest
 
+from worker.slave.environment import STACK_DUMP_ENV
 from worker.slave.session import SlaveSession
 from worker.slave.source import ListSource, TaskSource, parse_task_list
 
@@ -94,15 +95,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--testfleet-stack-file",
         metavar="FILE",
         default=None,
-        help=f"where the slave writes stack dumps (SIGUSR2, hard timeout) [env {STACK_FILE_ENV}; "
-        "default a file named after the pid in the temporary directory, removed on a normal exit]",
+        help=f"where the slave writes stack dumps (SIGUSR2, hard timeout) [env {STACK_FILE_ENV}; with "
+        f"--testfleet-slave also {STACK_DUMP_ENV}, the worker's; default a file named after the pid in "
+        "the temporary directory, removed on a normal exit]",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     source = make_source(config)
     if source is not None:
-        stack_file = config.getoption("testfleet_stack_file") or os.environ.get(STACK_FILE_ENV)
+        # A worker reads the dump of a slave it killed from the path it gave (worker.slaves).
+        worker_file = os.environ.get(STACK_DUMP_ENV) if config.getoption("testfleet_slave") else None
+        stack_file = config.getoption("testfleet_stack_file") or worker_file or os.environ.get(STACK_FILE_ENV)
         session = SlaveSession(config, source, stack_path=Path(stack_file) if stack_file else None)
         config.pluginmanager.register(session, "testfleet-slave-session")
 
