@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.cli.cases import MARKER, split_output
 from protocol.types import SlaveStatus, TrialStatus
+from worker.slave.output import bound_with_block
+from worker.slave.remote import fit_outputs
 from worker.slave.source import (
     CloseEvent,
     FileResult,
@@ -29,7 +32,7 @@ from worker.slave.source import (
     parse_task_list,
     read_events,
 )
-from worker.slave.tally import decide_status
+from worker.slave.tally import COUNT_OF_CATEGORY, decide_status
 from worker.slave.watchdog import Watchdog
 
 SUITES = Path(__file__).resolve().parents[1] / "fixtures" / "suites"
@@ -156,7 +159,9 @@ def test_passing_files_pass_and_keep_their_output_out(outcomes: SlaveRun) -> Non
     assert outcomes.counts("passing/test_alpha.py") == (TrialStatus.PASSED, 3, 0, 0)
     assert outcomes.counts("passing/test_beta.py") == (TrialStatus.PASSED, 2, 0, 0)
     alpha = outcomes.result("passing/test_alpha.py")
-    assert (alpha.stdout, alpha.stderr) == ("", "")
+    human, records = split_output(alpha.stdout)
+    assert (human, alpha.stderr) == ("", "")
+    assert records is not None and [r.outcome for r in records] == ["passed"] * 3
 
 
 def test_a_failing_test_fails_the_file_with_its_report_and_captured_output(outcomes: SlaveRun) -> None:
@@ -166,7 +171,7 @@ def test_a_failing_test_fails_the_file_with_its_report_and_captured_output(outco
     assert "assert (6 * 7) == 43" in result.stdout
     assert "Captured stdout call" in result.stdout
     assert "stdout of the failing test" in result.stdout
-    assert "test_passes" not in result.stdout
+    assert "test_passes" not in split_output(result.stdout)[0]
     assert "test_failing.py::test_fails" in result.stderr
     assert "stderr of the failing test" in result.stderr
     assert "stdout of the failing test" not in result.stderr
@@ -200,6 +205,57 @@ def test_every_outcome_is_counted(outcomes: SlaveRun) -> None:
     assert "ERROR at setup of every_outcome/test_outcomes.py::test_setup_error" in stdout
     assert "ERROR at teardown of every_outcome/test_outcomes.py::test_fail_then_teardown_error" in stdout
     assert "XPASS(strict)" in stdout
+
+
+EVERY_OUTCOME_FILES = ("test_outcomes.py", "test_module_skip.py", "test_import_error.py", "test_empty.py")
+
+
+@pytest.mark.parametrize("name", EVERY_OUTCOME_FILES)
+def test_each_trial_ends_with_its_case_records(outcomes: SlaveRun, name: str) -> None:
+    result = outcomes.result(f"every_outcome/{name}")
+    lines = result.stdout.splitlines()
+    marker = len(lines) - 1 - lines[::-1].index(MARKER)
+    assert all(line.startswith("{") for line in lines[marker + 1 :]), lines[marker:]
+    human, records = split_output(result.stdout)
+    assert records is not None and len(records) == len(lines) - marker - 1
+    assert human == result.stdout[: len(human)]
+    by_count = {"passed": 0, "pending": 0, "failed": 0}
+    for record in records:
+        by_count[COUNT_OF_CATEGORY[record.outcome]] += 1
+        assert record.nodeid.startswith(f"every_outcome/{name}")
+        assert record.when in ("collect", "setup", "call", "teardown")
+        assert len(record.message) <= 500
+    assert (by_count["passed"], by_count["pending"], by_count["failed"]) == (
+        result.passed,
+        result.pending,
+        result.failed,
+    )
+
+
+def test_case_records_say_what_happened_in_order(outcomes: SlaveRun) -> None:
+    _, records = split_output(outcomes.result("every_outcome/test_outcomes.py").stdout)
+    assert records is not None
+    seen = [(r.nodeid.split("::", 1)[1], r.when, r.outcome, r.message) for r in records]
+    assert seen[:3] == [
+        ("test_pass", "call", "passed", ""),
+        ("test_fail", "call", "failed", "assert 0"),
+        ("test_skip", "call", "skipped", "skipped"),
+    ]
+    assert ("test_xfail", "call", "xfailed", "expected") in seen
+    assert ("test_xpass", "call", "xpassed", "unexpectedly passes") in seen
+    assert ("test_setup_error", "setup", "error", "RuntimeError: setup breaks") in seen
+    assert ("test_fail_then_teardown_error", "teardown", "error", "RuntimeError: teardown breaks") in seen
+    assert ("TestGroup::test_skipped_in_class", "setup", "skipped", "class skip") in seen
+    assert all(r.duration_s >= 0 for r in records)
+    _, skip = split_output(outcomes.result("every_outcome/test_module_skip.py").stdout)
+    assert skip is not None and [(r.nodeid, r.when, r.outcome) for r in skip] == [
+        ("every_outcome/test_module_skip.py", "collect", "skipped")
+    ]
+    _, broken = split_output(outcomes.result("every_outcome/test_import_error.py").stdout)
+    assert broken is not None and [(r.nodeid, r.when, r.outcome) for r in broken] == [
+        ("every_outcome/test_import_error.py", "collect", "error")
+    ]
+    assert split_output(outcomes.result("every_outcome/test_empty.py").stdout)[1] == []
 
 
 def test_a_file_without_tests_is_pending_with_a_note(outcomes: SlaveRun) -> None:
@@ -632,3 +688,15 @@ def test_the_watchdog_repeats_the_soft_deadline_and_fires_the_hard_one_once() ->
         assert watchdog.disarm() is False
     finally:
         watchdog.stop()
+
+
+def test_the_case_block_survives_truncation() -> None:
+    block = f"{MARKER}\n" + "".join(f'{{"nodeid": "t.py::test_{n}", "outcome": "passed"}}\n' for n in range(50))
+    stdout = bound_with_block("x" * 10_000 + "\n", block, limit=4_000)
+    assert len(stdout.encode()) <= 4_000 + 100  # the truncation line comes on top, as with bound_text
+    assert stdout.endswith(block) and "bytes truncated" in stdout
+    human, records = split_output(stdout)
+    assert records is not None and len(records) == 50
+    assert human.startswith("xxx")
+    fitted, _ = fit_outputs("\x01" * 20_000 + "\n" + block, "", budget=30_000)
+    assert fitted.endswith("\n" + block) and len(fitted) < 20_000

@@ -59,3 +59,29 @@ def bound_text(text: str, limit: int = MAX_OUTPUT_BYTES) -> str:
     buffer = OutputBuffer(limit)
     buffer.feed(data)
     return buffer.text()
+
+
+# The per-test records a pytest slave ends a trial's stdout with (PROTOCOL.md §2): this line, then
+# one JSON object a line. The CI client reads them; the exec runner writes none.
+CASES_MARKER: Final = "[testfleet:cases]"
+
+
+def split_cases_block(stdout: str) -> tuple[str, str]:
+    """`stdout` as its human part and its trailing case block (marker line included; "" when none)."""
+    index = stdout.rfind(f"\n{CASES_MARKER}\n")
+    if index >= 0:
+        return stdout[: index + 1], stdout[index + 1 :]
+    if stdout.startswith(f"{CASES_MARKER}\n"):
+        return "", stdout
+    return stdout, ""
+
+
+def bound_with_block(text: str, block: str, limit: int = MAX_OUTPUT_BYTES) -> str:
+    """`text` cut (head and tail) so that it and `block`, appended whole on a line of its own, fit `limit` bytes."""
+    if not block:
+        return bound_text(text, limit)
+    room = limit - len(block.encode("utf-8", errors="replace")) - 1
+    text = bound_text(text, room) if room > 0 else ""
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + block

@@ -27,8 +27,10 @@ follows PROTOCOL.md §7; a file that runs no test at all (none defined, all dese
 `pending` with 0/0/0 and a note. A trial's stdout holds, in the order they happened, each
 collection error and each failing test's report (traceback) with its captured stdout and log
 sections (from its last report, which repeats the earlier phases'), then our own `testfleet:`
-notes; its stderr holds the failing tests' captured stderr. Each is kept to 4 MiB (head and
-tail). -x and --maxfail stop a file at that many failures, never the slave.
+notes, and it ends with the block of per-test records (`[testfleet:cases]`, then a JSON line for
+each report counted, PROTOCOL.md §2); its stderr holds the failing tests' captured stderr. Each is
+kept to 4 MiB (head and tail; the record block is kept whole). -x and --maxfail stop a file at that
+many failures, never the slave.
 
 Soft timeout: a watchdog thread sends SIGUSR1 to the main thread (every second until the file
 ends), whose handler fails the running test phase or collection; the rest of the file is

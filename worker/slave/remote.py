@@ -72,7 +72,7 @@ from worker.slave.environment import (
     slave_env,
     start_time_of,
 )
-from worker.slave.output import bound_text
+from worker.slave.output import bound_text, split_cases_block
 from worker.slave.source import FileResult, FileTask
 
 T = TypeVar("T")
@@ -143,10 +143,19 @@ def slave_logger() -> structlog.typing.FilteringBoundLogger:
 
 
 def fit_outputs(stdout: str, stderr: str, budget: int = MAX_FRAME_BYTES - FRAME_MARGIN_BYTES) -> tuple[str, str]:
-    """Cut stdout and stderr (head and tail kept) until both, encoded as JSON strings, fit in `budget` bytes."""
+    """Cut stdout and stderr (head and tail kept) until both, encoded as JSON strings, fit in `budget` bytes.
+
+    The case block that ends a pytest trial's stdout is kept whole when it takes at most a quarter of it."""
     # A character takes at most 6 bytes in a JSON string (a \\u escape): most outputs need no encoding.
     if (len(stdout) + len(stderr)) * 6 <= budget:
         return stdout, stderr
+    human, block = split_cases_block(stdout)
+    block_size = len(_json.encode(block)) if block else 0
+    if block and block_size <= budget // 4:
+        human, stderr = fit_outputs(human, stderr, budget - block_size - 2)
+        if human and not human.endswith("\n"):
+            human += "\n"
+        return human + block, stderr
     texts = [stdout, stderr]
     for _ in range(8):
         sizes = [len(_json.encode(text)) for text in texts]

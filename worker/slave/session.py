@@ -321,9 +321,12 @@ class SlaveSession:
         if current is not None:
             task, tally = current
             # The test that was running counts as failed, as it does at a soft timeout.
+            title = f"hard timeout of {task.hard_timeout_sec}s in {task.spec_path}"
             tally.add_error(
-                f"hard timeout of {task.hard_timeout_sec}s in {task.spec_path}",
+                title,
                 f"testfleet: the slave exits with {HARD_TIMEOUT_EXIT}. Stacks of all threads:\n{stacks}",
+                when="call",
+                message=title,
             )
             result = tally.result(timed_out=True)
             _call_bounded(lambda: self._source.finish(task, result))
