@@ -25,7 +25,10 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         protocols=tuple(wire.SUBPROTOCOLS),
         max_msg_size=wire.MAX_FRAME_BYTES,
-        heartbeat=20.0,
+        # A peer silent for a heartbeat period is pinged and dropped without a pong within half of it: a
+        # frozen or cut-off slave's connection closes (and its grace period starts) on the same time scale
+        # as a silent worker is dropped.
+        heartbeat=dispatcher.coordinator.settings.heartbeat_s,
         compress=False,
     )
     await ws.prepare(request)
