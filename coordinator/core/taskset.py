@@ -37,7 +37,6 @@ from protocol.types import (
     WorkerLogHash,
     WorkerLogRef,
     format_timestamp,
-    maybe_timestamp,
 )
 
 DEFAULT_OUTPUT_LIMIT: Final = 4 * 1024 * 1024
@@ -639,4 +638,4 @@ def check_tasks(spec_paths: Iterable[str], timeouts: Iterable[tuple[int, int]]) 
             raise InvalidArgument(f"spec_path {path!r}: soft timeout {soft} s exceeds hard timeout {hard} s")
 
 
-__all__ = ["WAIT", "Effects", "TasksetModel", "Wait", "Write", "maybe_timestamp"]
+__all__ = ["WAIT", "Effects", "TasksetModel", "Wait", "Write"]

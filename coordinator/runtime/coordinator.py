@@ -28,7 +28,6 @@ from coordinator.runtime.owner import Owner, utcnow
 from coordinator.runtime.workers import Workers
 from coordinator.store.store import Store
 from protocol import messages as m
-from protocol.messages import Params
 from protocol.types import (
     SlaveRef,
     SlaveStatus,
@@ -494,7 +493,3 @@ def _releaser(holder: int) -> Callable[[TasksetModel, dt.datetime], tuple[None, 
         return None, model.release_holder(holder)
 
     return release
-
-
-def params_type(method: str) -> type[Params]:
-    return m.COORDINATOR_METHODS[method].params

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
 from protocol.codec import Codec, Response, encode_notification, encode_request
-from protocol.errors import ProtocolError
 from protocol.messages import Notification, Params, Role
 
 log = structlog.get_logger("testfleet.hub")
@@ -148,10 +147,3 @@ class Hub:
             role = "worker" if conn.worker_name else ("slave" if conn.slave_ids else "other")
             counts[role] = counts.get(role, 0) + 1
         return counts
-
-
-def error_of(response: Response) -> ProtocolError | None:
-    return response.error
-
-
-__all__ = ["Any", "Connection", "ConnectionGone", "Hub", "error_of"]

@@ -9,7 +9,7 @@ import importlib.resources
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -17,6 +17,7 @@ import structlog
 
 from coordinator.core.errors import RsyncNameBusy, Unavailable
 from coordinator.core.taskset import (
+    SlaveState,
     TasksetModel,
     TaskState,
     TrialState,
@@ -328,8 +329,6 @@ class Store:
                     trials=trials_by_task.get(t["id"], []),
                 )
             )
-        from coordinator.core.taskset import SlaveState
-
         for s in await self._fetch("slaves_of_taskset", taskset_id):
             model.slaves[s["id"]] = SlaveState(
                 s["id"], s["name"], None if s["status"] is None else SlaveStatus(s["status"]), s["current_trial_id"]
@@ -398,15 +397,3 @@ def _translate(exc: BaseException) -> Exception:
     if isinstance(exc, Unavailable | RsyncNameBusy):
         return exc
     return Unavailable(f"the database failed: {type(exc).__name__}: {exc}")
-
-
-async def retrying(call: Callable[[], Awaitable[Any]], attempts: int = 3) -> Any:
-    """`call`, tried again after a short pause when the database was unavailable."""
-    for attempt in range(attempts):
-        try:
-            return await call()
-        except Unavailable:
-            if attempt == attempts - 1:
-                raise
-            await asyncio.sleep(0.2 * (attempt + 1))
-    return None
