@@ -401,10 +401,23 @@ class TasksetModel:
     def start_trial(self, trial_id: int, now: dt.datetime) -> Effects:
         fx = Effects()
         trial = self._trial(trial_id)
-        if trial.started_at is None:
-            trial.started_at = now
-            fx.writes.append(Write("start_trial", (trial_id, now)))
+        if trial.started_at is not None:
+            return fx
+        if trial.finished_at is not None:
+            # The start came after the result (both sent at once): the run took no measurable time.
+            now = min(now, trial.finished_at)
+        trial.started_at = now
+        fx.writes.append(Write("start_trial", (trial_id, now)))
+        if trial.finished_at is not None and trial.status in (TrialStatus.PASSED, TrialStatus.PENDING):
+            fx.writes.append(self._sample(trial))
         return fx
+
+    def _sample(self, trial: TrialState) -> Write:
+        """The history sample of a passed or pending trial that has both ends."""
+        assert trial.started_at is not None and trial.finished_at is not None
+        task = self.tasks[trial.task_id]
+        duration_ms = max(0, int((trial.finished_at - trial.started_at).total_seconds() * 1000))
+        return Write("insert_spec_sample", (self.taskset_class, task.spec_sha1, task.spec_path, duration_ms))
 
     def finish_trial(
         self,
@@ -428,10 +441,7 @@ class TasksetModel:
         fx.writes.append(Write("finish_trial", (trial_id, status.value, stdout, stderr, *counts, now)))
         task = self.tasks[trial.task_id]
         if status in (TrialStatus.PASSED, TrialStatus.PENDING) and trial.started_at is not None:
-            duration_ms = int((now - trial.started_at).total_seconds() * 1000)
-            fx.writes.append(
-                Write("insert_spec_sample", (self.taskset_class, task.spec_sha1, task.spec_path, duration_ms))
-            )
+            fx.writes.append(self._sample(trial))
         fx.notes.append(
             TrialUpdated(
                 format_timestamp(now),

@@ -221,3 +221,21 @@ def test_truncate_output() -> None:
 )
 def test_plan_assignments(free: dict[str, str], openings: list[Opening], plan: list[Assignment]) -> None:
     assert plan_assignments(free, openings) == plan
+
+
+def test_history_sample_whichever_of_start_and_result_comes_first() -> None:
+    m = model([1.0, 1.0])
+    new = ids()
+    m.dequeue("c", 7, T0)
+    first, _ = m.create_trial(101, 7, lambda: next(new), T0)
+    m.start_trial(first.id, T0)
+    fx = m.finish_trial(first.id, TrialStatus.PASSED, "", "", (1, 0, 0), T0 + dt.timedelta(seconds=2))
+    assert [w.args[3] for w in fx.writes if w.query == "insert_spec_sample"] == [2000]
+    m.dequeue("c", 7, T0)
+    second, _ = m.create_trial(100, 7, lambda: next(new), T0)
+    fx = m.finish_trial(second.id, TrialStatus.PASSED, "", "", (1, 0, 0), T0 + dt.timedelta(seconds=1))
+    assert not [w for w in fx.writes if w.query == "insert_spec_sample"]
+    fx = m.start_trial(second.id, T0 + dt.timedelta(seconds=5))
+    assert [w.args[3] for w in fx.writes if w.query == "insert_spec_sample"] == [0]
+    assert m.trials[second.id].started_at == T0 + dt.timedelta(seconds=1)
+    assert m.start_trial(second.id, T0 + dt.timedelta(seconds=9)).writes == []
