@@ -1,4 +1,4 @@
-"""Each file's soft and hard timeouts from its history, by RRRSpec's rule."""
+"""Each file's soft and hard timeouts: unknown without history, else max(least, average x multiplier)."""
 
 from __future__ import annotations
 

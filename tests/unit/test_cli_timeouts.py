@@ -1,4 +1,4 @@
-"""RRRSpec's timeout rule: unknown without history, else max(least, average x multiplier); hard = soft + margin."""
+"""The timeout rule: unknown without history, else max(least, average x multiplier); hard = soft + margin."""
 
 from __future__ import annotations
 
