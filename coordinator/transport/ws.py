@@ -17,6 +17,8 @@ from protocol import errors as perr
 log = structlog.get_logger("testfleet.ws")
 
 MAX_INFLIGHT = 1024
+WAITING_METHODS = frozenset({"dequeue_task"})
+FINISH_ON_CLOSE_S = 10.0
 
 
 async def ws_view(request: web.Request) -> web.StreamResponse:
@@ -39,6 +41,7 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
     metrics = coordinator.metrics
     metrics.connections.labels("all").inc()
     inflight: set[asyncio.Task[None]] = set()
+    waiting: set[asyncio.Task[None]] = set()
     slots = asyncio.Semaphore(MAX_INFLIGHT)
 
     async def writer() -> None:
@@ -85,6 +88,9 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                     continue
                 await slots.acquire()
                 task = asyncio.create_task(answer(frame))
+                if frame.method in WAITING_METHODS:
+                    waiting.add(task)
+                    task.add_done_callback(waiting.discard)
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
             elif msg.type is WSMsgType.ERROR:
@@ -95,6 +101,12 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                     await ws.close(code=code, message=b"frame too large" if code == 1009 else b"")
                 break
     finally:
+        # A call that waits for work is pointless without its caller; every other call it sent
+        # before leaving is carried out (its reply has nowhere to go, but its change counts).
+        for task in list(waiting):
+            task.cancel()
+        if inflight:
+            await asyncio.wait(list(inflight), timeout=FINISH_ON_CLOSE_S)
         for task in list(inflight):
             task.cancel()
         for task in list(inflight):

@@ -296,3 +296,19 @@ async def test_worker_log_lifecycle_moves_taskset_to_running(database_url: str, 
         appended = [p for n, p in notes if n == "worker_log_updated" and "log_appended" in p[2]]
         assert appended[0][2] == {"log_appended": "hello\n"}
         assert sum(1 for n, p in notes if n == "worker_log_updated" and "finished_at" in p[2]) == 1
+
+
+async def test_calls_sent_just_before_a_close_are_carried_out(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [task("a.py")])
+        ws = await h.session.ws_connect(h.server.make_url("/ws"))
+        await ws.send_json({"jsonrpc": "2.0", "id": 1, "method": "create_slave", "params": ["leaving", ref]})
+        slave_ref = (await ws.receive_json(timeout=10))["result"]
+        await ws.send_json({"jsonrpc": "2.0", "id": 2, "method": "finish_slave", "params": [slave_ref, "normal_exit"]})
+        await ws.close()  # without waiting for the reply
+        for _ in range(50):
+            _, body = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
+            if body["slaves"][0]["status"] is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert body["slaves"][0]["status"] == "normal_exit"
