@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 from typing import Annotated, Final
 
 import msgspec
@@ -132,11 +133,17 @@ class SlaveHash(Struct, frozen=True, forbid_unknown_fields=True):
     current_trial: TrialRef | UnsetType | None = UNSET
 
 
+@functools.lru_cache(maxsize=256)
 def format_timestamp(moment: dt.datetime) -> str:
-    """RFC 3339 UTC with microseconds and `Z`, as PROTOCOL.md §2 fixes it."""
+    """RFC 3339 UTC with microseconds and `Z`, as PROTOCOL.md §2 fixes it.
+
+    Cached: a batch of commands shares one moment, which its notifications repeat many times.
+    """
     if moment.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if moment.tzinfo is not dt.UTC:
+        moment = moment.astimezone(dt.UTC)
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_timestamp(text: str) -> dt.datetime:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -23,6 +24,8 @@ from coordinator.transport.app import build_app
 from coordinator.transport.rpc import Tokens
 
 log = structlog.get_logger("testfleet.serve")
+
+GC_YOUNG_THRESHOLD = 50_000
 
 
 class ServeSettings(msgspec.Struct, frozen=True):
@@ -201,6 +204,16 @@ async def serve(settings: ServeSettings, ready: Callable[[str], None] | None = N
     return 0
 
 
+def tune_gc() -> None:
+    """Collect young objects far less often, so a call's objects die before they reach the old generation.
+
+    With the default threshold (700 allocations) the objects of calls waiting on a commit survive two
+    young collections and pile into the oldest generation, whose full scans then walk every task state
+    of every loaded taskset: a tenth of the coordinator's time and its longest pauses under load.
+    """
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 10)
+
+
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     configure_logging(settings.log_level)
@@ -224,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    tune_gc()
     with contextlib.suppress(ImportError):
         import uvloop
 

@@ -21,7 +21,7 @@ from coordinator.core.errors import (
     TrialNotFound,
     WorkerLogNotFound,
 )
-from coordinator.core.taskset import WAIT, Effects, TasksetModel, check_tasks
+from coordinator.core.taskset import Effects, TasksetModel, Wait, check_tasks
 from coordinator.runtime.hub import Connection, Hub
 from coordinator.runtime.metrics import Metrics
 from coordinator.runtime.owner import Owner, utcnow
@@ -327,11 +327,14 @@ class Coordinator:
         while True:
             if conn.closed:
                 raise Conflict("the connection closed")
-            result = await owner.run(lambda model, now: (model.dequeue(holder, slave_id, now), Effects()))
-            if result is not WAIT:
+            # A lease changes nothing durable (a restart queues the task again), so it is answered at once
+            # from the model rather than behind the taskset's pending commits.
+            owner.last_used = asyncio.get_running_loop().time()
+            result = owner.model.dequeue(holder, slave_id, utcnow())
+            if not isinstance(result, Wait):
                 if result is not None:
                     self.metrics.leases.inc()
-                return result  # type: ignore[no-any-return]
+                return result
             wait = owner.model.next_straggler_check(utcnow())
             await owner.changed(self.settings.dequeue_poll_s if wait is None else min(wait + 0.01, 5.0))
 

@@ -106,14 +106,16 @@ class Owner:
         self._changed = asyncio.Event()
 
     async def _loop(self) -> None:
-        """Apply a batch while the previous one commits; commits, replies and notifications stay in order."""
+        """Apply a batch while the previous one commits; commits, replies and notifications stay in order.
+
+        Commands that arrive while the previous batch commits join the batch before it commits in turn, so
+        a command waits for at most the rest of one commit and then its own.
+        """
         committing: asyncio.Task[bool] | None = None
         try:
             while True:
-                jobs = [await self.queue.get()]
-                while len(jobs) < BATCH and not self.queue.empty():
-                    jobs.append(self.queue.get_nowait())
-                batch = await self._apply(jobs)
+                batch = _Batch(time.perf_counter())
+                await self._apply(batch, [await self.queue.get(), *self._take(BATCH - 1)])
                 if committing is not None and not await committing:
                     # The previous batch did not commit: this one was built on its state.
                     self._fail(batch.outcomes, Unavailable("an earlier change could not be committed; try again"))
@@ -121,6 +123,9 @@ class Owner:
                     committing = None
                     continue
                 committing = None
+                room = BATCH - len(batch.outcomes)
+                if room > 0 and not self.queue.empty():
+                    await self._apply(batch, self._take(room))
                 if batch.outcomes:
                     committing = asyncio.create_task(self._commit(batch))
         finally:
@@ -129,15 +134,22 @@ class Owner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await committing
 
-    async def _apply(self, jobs: list[_Job]) -> _Batch:
-        batch = _Batch(time.perf_counter())
+    def _take(self, most: int) -> list[_Job]:
+        """Up to `most` queued jobs, without waiting."""
+        jobs: list[_Job] = []
+        while len(jobs) < most and not self.queue.empty():
+            jobs.append(self.queue.get_nowait())
+        return jobs
+
+    async def _apply(self, batch: _Batch, jobs: list[_Job]) -> None:
+        """Apply `jobs` to the model, adding their outcomes and effects to `batch`."""
         needs = collections.Counter(job.needs for job in jobs if job.needs is not None)
         for table, count in needs.items():
             try:
                 await self.store.ensure_ids(table, count)
             except Unavailable as exc:
                 self._fail([(job, None, None) for job in jobs], exc)
-                return batch
+                return
         now = utcnow()
         fx = batch.fx
         for job in jobs:
@@ -154,7 +166,6 @@ class Owner:
                 continue
             fx.extend(job_fx)
             batch.outcomes.append((job, result, None))
-        return batch
 
     async def _commit(self, batch: _Batch) -> bool:
         """Commit, then reply, then notify; `False` (after failing its jobs) when the commit failed."""

@@ -183,36 +183,7 @@ FROM unnest($2::text[]) AS k(path);
 -- Whether the database answers.
 SELECT 1;
 
--- name: insert_trial_many
--- Many new trials at once, one array per column.
-INSERT INTO trials (id, task_id, slave_id, created_at)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::timestamptz[])
-ON CONFLICT (id) DO NOTHING;
-
--- name: start_trial_many
--- Many trials' start moments at once.
-UPDATE trials SET started_at = v.started_at
-FROM unnest($1::bigint[], $2::timestamptz[]) AS v(id, started_at)
-WHERE trials.id = v.id AND trials.started_at IS NULL;
-
--- name: finish_trial_many
--- Many trials' results at once.
-UPDATE trials SET status = v.status, stdout = v.stdout, stderr = v.stderr, passed = v.passed, pending = v.pending,
-                  failed = v.failed, finished_at = v.finished_at
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::integer[], $7::integer[],
-            $8::timestamptz[]) AS v(id, status, stdout, stderr, passed, pending, failed, finished_at)
-WHERE trials.id = v.id;
-
--- name: insert_spec_sample_many
--- Many run durations at once.
-INSERT INTO spec_samples (taskset_class, spec_sha1, spec_path, duration_ms)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]);
-
--- name: set_task_status_many
--- Many tasks' verdicts at once.
-UPDATE tasks SET status = v.status FROM unnest($1::bigint[], $2::text[]) AS v(id, status) WHERE tasks.id = v.id;
-
--- name: set_slave_current_trial_many
--- What many slaves run now.
-UPDATE slaves SET current_trial_id = v.trial_id
-FROM unnest($1::bigint[], $2::bigint[]) AS v(id, trial_id) WHERE slaves.id = v.id;
+-- name: commit_trials
+-- A group's trial, history, verdict and current-trial writes in one statement (see migration 0002).
+SELECT testfleet_commit_trials($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+                               $20, $21, $22);

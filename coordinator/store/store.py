@@ -30,29 +30,28 @@ from protocol.types import SlaveStatus, TasksetStatus, TaskStatus, TrialStatus
 
 _QUERY_RE: Final = re.compile(r"^-- name: (\w+)\n--[^\n]*\n(.*?)(?=^-- name: |\Z)", re.S | re.M)
 
-# Writes run in this order inside a group commit: rows first, then changes to them.
-_WRITE_ORDER: Final = {
-    name: rank
-    for rank, name in enumerate(
-        (
-            "insert_worker_log",
-            "insert_slave",
-            "insert_trial",
-            "start_trial",
-            "finish_trial",
-            "insert_spec_sample",
-            "set_task_status",
-            "append_worker_log",
-            "set_worker_log_rsync_finished_at",
-            "set_worker_log_setup_finished_at",
-            "set_worker_log_rspec_finished_at",
-            "set_worker_log_finished_at",
-            "set_slave_current_trial",
-            "set_slave_status",
-            "set_taskset_status",
-        )
-    )
+# The hot path's write kinds, in the order `testfleet_commit_trials` applies them, with each kind's column
+# count and whether a later row for the same id replaces an earlier one (else the first row stands).
+_TRIAL_WRITES: Final = {
+    "insert_trial": (4, False),
+    "start_trial": (2, False),
+    "finish_trial": (8, False),
+    "insert_spec_sample": (4, None),
+    "set_task_status": (2, True),
+    "set_slave_current_trial": (2, True),
 }
+# Every other write runs as its own statement: rows first, then the trial writes, then changes to rows.
+_BEFORE_TRIALS: Final = ("insert_worker_log", "insert_slave")
+_AFTER_TRIALS: Final = (
+    "append_worker_log",
+    "set_worker_log_rsync_finished_at",
+    "set_worker_log_setup_finished_at",
+    "set_worker_log_rspec_finished_at",
+    "set_worker_log_finished_at",
+    "set_slave_status",
+    "set_taskset_status",
+)
+_KINDS: Final = frozenset((*_TRIAL_WRITES, *_BEFORE_TRIALS, *_AFTER_TRIALS))
 # Errors after which the same statements may simply be tried again on a fresh connection.
 _TRANSIENT: Final = (
     OSError,
@@ -62,17 +61,6 @@ _TRANSIENT: Final = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     ConnectionError,
-)
-# Statements that have a `<name>_many` form taking one array per column.
-_SET_BASED: Final = frozenset(
-    {
-        "insert_trial",
-        "start_trial",
-        "finish_trial",
-        "insert_spec_sample",
-        "set_task_status",
-        "set_slave_current_trial",
-    }
 )
 _log = structlog.get_logger("testfleet.store")
 _BLOCKS: Final = {"tasks": 1000, "trials": 1000, "slaves": 1000, "worker_logs": 1000}
@@ -188,18 +176,23 @@ class Store:
 
     async def _run_once(self, writes: list[Write]) -> None:
         groups: dict[str, list[tuple[Any, ...]]] = collections.defaultdict(list)
-        for write in sorted(writes, key=lambda w: _WRITE_ORDER[w.query]):
+        for write in writes:
             groups[write.query].append(write.args)
+        unknown = groups.keys() - _KINDS
+        if unknown:
+            raise ValueError(f"unknown write kinds: {sorted(unknown)}")
+        trial_args = _trial_arguments(groups) if groups.keys() & _TRIAL_WRITES.keys() else None
         started = time.perf_counter()
-        async with self.pool.acquire() as conn, conn.transaction():
-            for query, rows in groups.items():
-                if len(rows) == 1:
-                    await conn.execute(QUERIES[query], *rows[0])
-                elif query in _SET_BASED:
-                    # One statement over column arrays: far cheaper than a statement per row.
-                    await conn.execute(QUERIES[f"{query}_many"], *_columns(rows))
-                else:
-                    await conn.executemany(QUERIES[query], rows)
+        async with self.pool.acquire() as conn:
+            if trial_args is not None and not groups.keys() - _TRIAL_WRITES.keys():
+                # A single statement is its own transaction: one round trip commits the whole group.
+                await conn.execute(QUERIES["commit_trials"], *trial_args)
+            else:
+                async with conn.transaction():
+                    await _execute_kinds(conn, groups, _BEFORE_TRIALS)
+                    if trial_args is not None:
+                        await conn.execute(QUERIES["commit_trials"], *trial_args)
+                    await _execute_kinds(conn, groups, _AFTER_TRIALS)
         if self._observe is not None:
             self._observe(time.perf_counter() - started, len(writes))
 
@@ -388,9 +381,33 @@ async def _reserve_in(conn: Any, table: str, count: int) -> int:
     return first
 
 
-def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows of arguments turned into one list per column."""
-    return [list(column) for column in zip(*rows, strict=True)]
+async def _execute_kinds(conn: Any, groups: dict[str, list[tuple[Any, ...]]], kinds: Sequence[str]) -> None:
+    for kind in kinds:
+        rows = groups.get(kind)
+        if not rows:
+            continue
+        if len(rows) == 1:
+            await conn.execute(QUERIES[kind], *rows[0])
+        else:
+            await conn.executemany(QUERIES[kind], rows)
+
+
+def _trial_arguments(groups: dict[str, list[tuple[Any, ...]]]) -> list[list[Any]]:
+    """The arguments of `commit_trials`: one list per column of each trial write kind, at most one row per id."""
+    arguments: list[list[Any]] = []
+    for kind, (width, latest_wins) in _TRIAL_WRITES.items():
+        rows = groups.get(kind, ())
+        if latest_wins is not None and len(rows) > 1:
+            by_id: dict[Any, tuple[Any, ...]] = {}
+            for row in rows:
+                if latest_wins or row[0] not in by_id:
+                    by_id[row[0]] = row
+            rows = list(by_id.values())
+        if rows:
+            arguments.extend(list(column) for column in zip(*rows, strict=True))
+        else:
+            arguments.extend([] for _ in range(width))
+    return arguments
 
 
 def _translate(exc: BaseException) -> Exception:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from coordinator.runtime.coordinator import RuntimeSettings
@@ -312,3 +313,30 @@ async def test_calls_sent_just_before_a_close_are_carried_out(database_url: str,
                 break
             await asyncio.sleep(0.1)
         assert body["slaves"][0]["status"] == "normal_exit"
+
+
+async def test_dequeue_is_answered_while_a_commit_is_stuck(database_url: str, tmp_path: Path) -> None:
+    """A lease is not durable, so handing one out does not wait behind the taskset's pending commits."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as a, h.client() as b:
+        ref = await new_taskset(h, [task("x.py"), task("y.py")])
+        sa = await a.call("create_slave", "sa", ref)
+        await b.call("create_slave", "sb", ref)
+        task_ref, *_ = await a.call("dequeue_task", ref)
+        trial = await a.call("create_trial", task_ref, sa)
+        blocker = await asyncpg.connect(database_url)
+        try:
+            locked = blocker.transaction()
+            await locked.start()
+            await blocker.execute("LOCK TABLE trials IN EXCLUSIVE MODE")
+            starting = asyncio.create_task(a.call("start_trial", trial, timeout=20))
+            await asyncio.sleep(0.3)
+            assert not starting.done(), "start_trial replied before its commit"
+            other, path, *_ = await b.call("dequeue_task", ref, timeout=2)
+            assert other != task_ref and path == "y.py"
+            assert not starting.done()
+            await locked.rollback()
+            assert await starting is None
+        finally:
+            await blocker.close()
+        row = await h.get(f"/api/v1/trials/{trial[1]}")
+        assert row[0] == 200 and row[1]["started_at"] is not None

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from coordinator.core.errors import RsyncNameBusy
+from coordinator.core.errors import RsyncNameBusy, Unavailable
 from coordinator.core.taskset import Write
 from coordinator.store.pool import Pool
 from coordinator.store.store import Store
@@ -84,3 +84,44 @@ async def test_history_average_uses_latest_hundred(db_pool: Pool) -> None:
     await store.commit(old)
     await store.commit(new)
     assert await store.averages("c", ["x"]) == [1]
+
+
+async def test_one_group_keeps_the_order_of_its_writes(db_pool: Pool) -> None:
+    """Rows made, changed twice and finished in one commit end as the last change says."""
+    store = Store(db_pool)
+    await store.start()
+    taskset_id = await store.create_taskset(params("order", 2), T0)
+    model = await store.load_taskset(taskset_id)
+    assert model is not None
+    task_a, task_b = sorted(model.tasks)
+    slave_id = store.new_id("slaves")
+    first, second = store.new_id("trials"), store.new_id("trials")
+    later = T0 + dt.timedelta(seconds=5)
+    await store.commit(
+        [
+            Write("insert_slave", (slave_id, taskset_id, "s", T0)),
+            Write("insert_trial", (first, task_a, slave_id, T0)),
+            Write("set_slave_current_trial", (slave_id, first)),
+            Write("start_trial", (first, T0)),
+            Write("start_trial", (first, later)),
+            Write("insert_trial", (second, task_b, slave_id, T0)),
+            Write("set_slave_current_trial", (slave_id, second)),
+            Write("set_task_status", (task_a, "failed")),
+            Write("set_task_status", (task_a, "passed")),
+            Write("set_slave_status", (slave_id, "normal_exit")),
+        ]
+    )
+    again = await store.load_taskset(taskset_id)
+    assert again is not None
+    assert again.slaves[slave_id].current_trial_id == second
+    assert again.slaves[slave_id].status == "normal_exit"
+    assert again.trials[first].started_at == T0
+    assert again.tasks[task_a].status == TaskStatus.PASSED
+
+
+async def test_an_unknown_write_kind_commits_nothing(db_pool: Pool) -> None:
+    store = Store(db_pool)
+    await store.start()
+    with pytest.raises(Unavailable, match="unknown write kinds"):
+        await store.commit([Write("insert_spec_sample", ("c", "x", "x.py", 1)), Write("drop_everything", ())])
+    assert await store.averages("c", ["x"]) == [None]
