@@ -2,6 +2,10 @@
 -- Each argument group is one write kind as column arrays (empty when the group has none), applied in
 -- this order, so a trial inserted by the group exists before the group starts or finishes it. Within a
 -- kind the store sends at most one row per id.
+--
+-- Every statement here touches a few rows by primary key. Sequential scans are ruled out because a plan
+-- cached while a table was small would otherwise go on scanning it whole as it grows: at 40,000 trials
+-- a group commit took ten times as long.
 CREATE FUNCTION testfleet_commit_trials(
     new_trial_ids      bigint[],
     new_trial_tasks    bigint[],
@@ -25,7 +29,7 @@ CREATE FUNCTION testfleet_commit_trials(
     decided_statuses   text[],
     bound_slave_ids    bigint[],
     bound_trial_ids    bigint[]
-) RETURNS void LANGUAGE plpgsql AS $$
+) RETURNS void LANGUAGE plpgsql SET enable_seqscan = off AS $$
 #variable_conflict use_column
 BEGIN
     IF cardinality(new_trial_ids) > 0 THEN
