@@ -143,7 +143,7 @@ class Coordinator:
         while True:
             await asyncio.sleep(30)
             for owner in list(self.owners.values()):
-                if not owner.model.active and loop.time() - owner.last_used > IDLE_OWNER_S and owner.queue.empty():
+                if not owner.model.active and loop.time() - owner.last_used > IDLE_OWNER_S and owner.idle:
                     self.owners.pop(owner.id, None)
                     await owner.stop()
 

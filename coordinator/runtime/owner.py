@@ -62,7 +62,8 @@ class Owner:
         self.model = model
         self.store = store
         self.listener = listener
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._arrival: asyncio.Future[None] | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.last_used = asyncio.get_running_loop().time()
@@ -79,8 +80,8 @@ class Owner:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        while not self.queue.empty():
-            job = self.queue.get_nowait()
+        while self._jobs:
+            job = self._jobs.popleft()
             if not job.future.done():
                 job.future.set_exception(Unavailable("the coordinator is shutting down"))
         self._changed.set()
@@ -90,10 +91,19 @@ class Owner:
 
         `needs` names the table a command may take one new id of, so the batch reserves enough first.
         """
-        self.last_used = asyncio.get_running_loop().time()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(_Job(command, future, needs))
+        loop = asyncio.get_running_loop()
+        self.last_used = loop.time()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.append(_Job(command, future, needs))
+        arrival = self._arrival
+        if arrival is not None and not arrival.done():
+            arrival.set_result(None)
         return await future
+
+    @property
+    def idle(self) -> bool:
+        """No command waits to be applied."""
+        return not self._jobs
 
     async def changed(self, timeout: float | None) -> None:
         """Wait until the queue may hold work again, or `timeout` seconds."""
@@ -115,7 +125,10 @@ class Owner:
         try:
             while True:
                 batch = _Batch(time.perf_counter())
-                await self._apply(batch, [await self.queue.get(), *self._take(BATCH - 1)])
+                while not self._jobs:
+                    self._arrival = asyncio.get_running_loop().create_future()
+                    await self._arrival
+                await self._apply(batch, self._take(BATCH))
                 if committing is not None and not await committing:
                     # The previous batch did not commit: this one was built on its state.
                     self._fail(batch.outcomes, Unavailable("an earlier change could not be committed; try again"))
@@ -124,7 +137,7 @@ class Owner:
                     continue
                 committing = None
                 room = BATCH - len(batch.outcomes)
-                if room > 0 and not self.queue.empty():
+                if room > 0 and self._jobs:
                     await self._apply(batch, self._take(room))
                 if batch.outcomes:
                     committing = asyncio.create_task(self._commit(batch))
@@ -137,8 +150,8 @@ class Owner:
     def _take(self, most: int) -> list[_Job]:
         """Up to `most` queued jobs, without waiting."""
         jobs: list[_Job] = []
-        while len(jobs) < most and not self.queue.empty():
-            jobs.append(self.queue.get_nowait())
+        while len(jobs) < most and self._jobs:
+            jobs.append(self._jobs.popleft())
         return jobs
 
     async def _apply(self, batch: _Batch, jobs: list[_Job]) -> None:

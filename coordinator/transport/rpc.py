@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from coordinator.core import errors as core_errors
-from coordinator.runtime.coordinator import Coordinator
+from coordinator.runtime.coordinator import Coordinator, Handler
 from coordinator.runtime.hub import Connection
 from coordinator.transport import keys
 from protocol import codec as wire
@@ -83,6 +83,7 @@ class Dispatcher:
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
         self.metrics = coordinator.metrics
+        self._latency = {name: self.metrics.rpc_latency.labels(name) for name in COORDINATOR_METHODS}
 
     async def handle(
         self,
@@ -94,9 +95,9 @@ class Dispatcher:
         """The encoded reply, or `None` for a notification."""
         request_id = request.id if isinstance(request, wire.Request) else None
         started = time.perf_counter()
-        method = request.method
         try:
-            result = await self._call(request, codec, roles, conn)
+            handler, params = self._resolve(request, request_id, codec, roles, conn)
+            result = await handler(conn, params)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -106,27 +107,29 @@ class Dispatcher:
                 return None
             return wire.encode_error(error, codec, request_id)
         finally:
-            if method in COORDINATOR_METHODS:
-                self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - started)
+            latency = self._latency.get(request.method)
+            if latency is not None:
+                latency.observe(time.perf_counter() - started)
         if isinstance(request, wire.NotificationFrame):
             return None
         return wire.encode_result(request_id, result, codec)
 
-    async def _call(
+    def _resolve(
         self,
         request: wire.Request | wire.NotificationFrame,
+        request_id: wire.RequestId,
         codec: wire.Codec,
         roles: frozenset[Role],
         conn: Connection | None,
-    ) -> Any:
-        request_id = request.id if isinstance(request, wire.Request) else None
+    ) -> tuple[Handler, Any]:
+        """The handler and typed params of a request the caller may make; its JSON-RPC error otherwise."""
         spec = wire.lookup(COORDINATOR_METHODS, request.method, request_id)
         if not (spec.roles & roles):
             raise perr.Unauthorized(f"{spec.name} needs the {' or '.join(sorted(spec.roles))} token")
         if spec.ws_only and conn is None:
             raise perr.WrongTransport(f"{spec.name} needs a /ws connection")
         params = wire.decode_params(spec, request.params, codec, request_id)
-        return await self.coordinator.handlers[spec.name](conn, params)
+        return self.coordinator.handlers[spec.name], params
 
 
 def codec_of_content_type(content_type: str) -> wire.Codec | None:
