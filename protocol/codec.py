@@ -155,9 +155,12 @@ def _is_id(value: Any) -> bool:
     return value is None or (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
 
 
-def _load(data: bytes, codec: Codec) -> _Envelope:
+def _load(data: bytes | str, codec: Codec) -> _Envelope:
+    decoder = _ENVELOPE_DECODERS[codec]
     try:
-        return _ENVELOPE_DECODERS[codec].decode(data)
+        if isinstance(decoder, msgspec.json.Decoder):
+            return decoder.decode(data)
+        return decoder.decode(data.encode() if isinstance(data, str) else data)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"not a JSON-RPC 2.0 object: {exc}") from exc
     except (msgspec.DecodeError, *_UNREADABLE) as exc:
@@ -190,7 +193,7 @@ def decode_batch(data: bytes, codec: Codec) -> list[Raw]:
     return items
 
 
-def decode_frame(data: bytes | Raw, codec: Codec) -> Frame:
+def decode_frame(data: bytes | str | Raw, codec: Codec) -> Frame:
     """One frame: a request, a notification or a response; anything else raises `ProtocolError`."""
     env = _load(bytes(data) if isinstance(data, Raw) else data, codec)
     rid: RequestId = None

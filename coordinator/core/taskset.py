@@ -45,6 +45,8 @@ WORKER_LOG_TIMES: Final = ("rsync_finished_at", "setup_finished_at", "rspec_fini
 
 def truncate_output(text: str, limit: int = DEFAULT_OUTPUT_LIMIT) -> str:
     """`text` cut to `limit` UTF-8 bytes, the rest replaced by a line saying how much was cut."""
+    if len(text) * 4 <= limit:
+        return text  # no character takes more than four bytes
     data = text.encode("utf-8", "replace")
     if len(data) <= limit:
         return text

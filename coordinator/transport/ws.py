@@ -40,21 +40,19 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
     coordinator.hub.add(conn)
     metrics = coordinator.metrics
     metrics.connections.labels("all").inc()
+    # Frames are encoded already: each goes out as it is.
+    opcode = WSMsgType.BINARY if codec is wire.Codec.MSGPACK else WSMsgType.TEXT
     inflight: set[asyncio.Task[None]] = set()
     waiting: set[asyncio.Task[None]] = set()
     slots = asyncio.Semaphore(MAX_INFLIGHT)
 
     async def writer() -> None:
-        binary = codec is wire.Codec.MSGPACK
         while True:
             frame = await conn.outbox.get()
             if frame is None or ws.closed:
                 return
             try:
-                if binary:
-                    await ws.send_bytes(frame)
-                else:
-                    await ws.send_str(frame.decode())
+                await ws.send_frame(frame, opcode)
             except (ConnectionError, RuntimeError):
                 conn.close()
                 return
@@ -66,10 +64,14 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
     conn.on_close = close_socket
 
     async def answer(frame: wire.Request | wire.NotificationFrame) -> None:
+        # A reply is written at once rather than through the outbox: a peer that stops reading holds up
+        # its own calls (and, once MAX_INFLIGHT wait, the reading of its frames), and nothing else.
         try:
             reply = await dispatcher.handle(frame, codec, conn.roles, conn)
-            if reply is not None:
-                conn.send(reply)
+            if reply is not None and not conn.closed and not ws.closed:
+                await ws.send_frame(reply, opcode)
+        except (ConnectionError, RuntimeError):
+            conn.close()
         finally:
             slots.release()
 
@@ -77,9 +79,9 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
     try:
         async for msg in ws:
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                data = msg.data.encode() if isinstance(msg.data, str) else msg.data
                 try:
-                    frame = wire.decode_frame(data, codec)
+                    # Text frames are decoded as they came (str): no copy back to bytes.
+                    frame = wire.decode_frame(msg.data, codec)
                 except perr.ProtocolError as exc:
                     conn.send(wire.encode_error(exc, codec))
                     continue

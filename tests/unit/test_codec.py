@@ -613,3 +613,14 @@ def test_formatted_timestamps_validate() -> None:
         moment = start + dt.timedelta(seconds=step * 7919.123457)
         assert msgspec.convert(format_timestamp(moment), Timestamp) == format_timestamp(moment)
         assert parse_timestamp(format_timestamp(moment)) == moment
+
+
+def test_a_text_frame_decodes_as_it_came() -> None:
+    """A WebSocket text frame arrives as str: it decodes like its bytes, for either codec."""
+    text = '{"jsonrpc":"2.0","id":7,"method":"start_trial","params":[["trial",5]]}'
+    from_text = decode_frame(text, Codec.JSON)
+    from_bytes = decode_frame(text.encode(), Codec.JSON)
+    assert isinstance(from_text, Request) and isinstance(from_bytes, Request)
+    assert (from_text.id, from_text.method) == (from_bytes.id, from_bytes.method) == (7, "start_trial")
+    with pytest.raises(InvalidRequest):
+        decode_frame("\xc2", Codec.MSGPACK)  # its UTF-8 bytes are a msgpack boolean, not a frame
