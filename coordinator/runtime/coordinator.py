@@ -19,6 +19,7 @@ from coordinator.core.errors import (
     TaskNotFound,
     TasksetNotFound,
     TrialNotFound,
+    Unavailable,
     WorkerLogNotFound,
 )
 from coordinator.core.taskset import Effects, TasksetModel, Wait, check_tasks
@@ -43,6 +44,7 @@ log = structlog.get_logger("testfleet.coordinator")
 
 Handler = Callable[[Connection | None, Any], Awaitable[Any]]
 IDLE_OWNER_S: Final = 300.0
+HISTORY_TRIM_S: Final = 600.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Coordinator:
             self.workers.taskset_opened(owner.model)
         self.workers.start()
         self.spawn(self._evict_idle(), "evict-idle-owners")
+        self.spawn(self._trim_history(), "trim-history")
 
     async def close(self) -> None:
         await self.workers.stop()
@@ -146,6 +149,19 @@ class Coordinator:
                 if not owner.model.active and loop.time() - owner.last_used > IDLE_OWNER_S and owner.idle:
                     self.owners.pop(owner.id, None)
                     await owner.stop()
+
+    async def _trim_history(self) -> None:
+        """History samples that no average reads any more leave the database, a bounded number per round."""
+        while True:
+            await asyncio.sleep(HISTORY_TRIM_S)
+            try:
+                deleted = await self.store.trim_history()
+            except Unavailable as exc:
+                # The next round tries again: a database outage must not end the loop.
+                log.warning("history_trim_failed", error=str(exc))
+                continue
+            if deleted:
+                log.info("history_trimmed", deleted=deleted)
 
     # -- owners ------------------------------------------------------------------
 

@@ -179,6 +179,24 @@ SELECT k.path, (SELECT avg(d.duration_ms) FROM (
            WHERE taskset_class = $1 AND spec_path = k.path ORDER BY id DESC LIMIT 100) d) AS avg_ms
 FROM unnest($2::text[]) AS k(path);
 
+-- name: trim_spec_samples
+-- Delete up to $1 samples in neither the latest 100 of their sha1 nor those of their path; returns how many.
+WITH old_by_sha1 AS (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (PARTITION BY taskset_class, spec_sha1 ORDER BY id DESC) AS n
+        FROM spec_samples) r
+    WHERE n > 100
+), old_by_path AS (
+    SELECT id FROM (
+        SELECT id, row_number() OVER (PARTITION BY taskset_class, spec_path ORDER BY id DESC) AS n
+        FROM spec_samples) r
+    WHERE n > 100
+), deleted AS (
+    DELETE FROM spec_samples WHERE id IN (SELECT id FROM old_by_sha1 JOIN old_by_path USING (id) LIMIT $1)
+    RETURNING 1
+)
+SELECT count(*) FROM deleted;
+
 -- name: ping
 -- Whether the database answers.
 SELECT 1;

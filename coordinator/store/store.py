@@ -93,6 +93,11 @@ class IdBlocks:
         self._next[table] = first
         self._end[table] = first + _BLOCKS[table]
 
+    def remaining(self, table: str) -> int:
+        """How many ids of `table` its current block still holds (none before the first block)."""
+        nxt = self._next.get(table)
+        return 0 if nxt is None else self._end[table] - nxt
+
 
 class Store:
     """All reads and writes of the coordinator."""
@@ -130,8 +135,7 @@ class Store:
         return value
 
     def needs_ids(self, table: str, want: int = 1) -> bool:
-        nxt = self._ids._next.get(table)
-        return nxt is None or self._ids._end[table] - nxt < want
+        return self._ids.remaining(table) < want
 
     async def reserve(self, table: str) -> None:
         first = await self._fetchval("next_id_block", f"{table}_id_seq")
@@ -259,6 +263,20 @@ class Store:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise _translate(exc) from exc
         return taskset_id
+
+    async def trim_history(self, batch_size: int = 5000, max_batches: int = 20) -> int:
+        """Delete history samples no average reads any more, `batch_size` rows per statement; how many went.
+
+        Each statement is its own short transaction, and trying one again after a lost connection is safe:
+        a sample out of both latest hundreds stays out as newer ones arrive.
+        """
+        deleted = 0
+        for _ in range(max_batches):
+            count = int(await self._fetchval("trim_spec_samples", batch_size))
+            deleted += count
+            if count < batch_size:
+                break
+        return deleted
 
     async def averages(self, taskset_class: str, sha1s: Sequence[str]) -> list[int | None]:
         """Mean whole seconds of the latest 100 passed/pending runs per sha1."""

@@ -1,7 +1,8 @@
-"""The store on a real database: set-based group writes, id blocks, history averages, reload of a taskset."""
+"""The store on a real database: set-based group writes, id blocks, history averages and their trim, reload."""
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 
 import pytest
@@ -125,3 +126,90 @@ async def test_an_unknown_write_kind_commits_nothing(db_pool: Pool) -> None:
     with pytest.raises(Unavailable, match="unknown write kinds"):
         await store.commit([Write("insert_spec_sample", ("c", "x", "x.py", 1)), Write("drop_everything", ())])
     assert await store.averages("c", ["x"]) == [None]
+
+
+def samples(taskset_class: str, sha1: str, path: str, durations_ms: range) -> list[Write]:
+    return [Write("insert_spec_sample", (taskset_class, sha1, path, ms)) for ms in durations_ms]
+
+
+async def sample_rows(pool: Pool) -> list[tuple[int, str, str, str]]:
+    rows = await pool.fetch("SELECT id, taskset_class, spec_sha1, spec_path FROM spec_samples ORDER BY id")
+    return [(r["id"], r["taskset_class"], r["spec_sha1"], r["spec_path"]) for r in rows]
+
+
+def latest_hundreds(rows: list[tuple[int, str, str, str]]) -> set[int]:
+    """Ids among the latest 100 of their (class, sha1) or of their (class, path)."""
+    kept: set[int] = set()
+    by_sha1: collections.Counter[tuple[str, str]] = collections.Counter()
+    by_path: collections.Counter[tuple[str, str]] = collections.Counter()
+    for row_id, taskset_class, sha1, path in sorted(rows, reverse=True):
+        by_sha1[taskset_class, sha1] += 1
+        by_path[taskset_class, path] += 1
+        if by_sha1[taskset_class, sha1] <= 100 or by_path[taskset_class, path] <= 100:
+            kept.add(row_id)
+    return kept
+
+
+async def averages_of(store: Store, taskset_class: str, sha1s: list[str], paths: list[str]) -> list[object]:
+    by_sha1 = await store.fetch("averages_by_sha1", taskset_class, sha1s)
+    by_path = await store.fetch("averages_by_path", taskset_class, paths)
+    return [r["avg_ms"] for r in by_sha1] + [r["avg_ms"] for r in by_path]
+
+
+async def test_trim_keeps_the_latest_hundred_per_sha1_and_per_path(db_pool: Pool) -> None:
+    store = Store(db_pool)
+    await store.start()
+    # Another class's samples are oldest of all but count only within their class.
+    await store.commit(samples("other", "v1", "a.py", range(30)))
+    # One file content at two paths: two.py's samples are old for the sha1, yet all of its path's latest.
+    await store.commit(samples("c", "same", "two.py", range(1000, 1050)))
+    await store.commit(samples("c", "same", "one.py", range(2000, 2150)))
+    # a.py changed: v1's older samples fall out of both hundreds, its latest stay for the sha1.
+    await store.commit(samples("c", "v1", "a.py", range(3000, 3150)))
+    await store.commit(samples("c", "v2", "a.py", range(4000, 4150)))
+    before = await sample_rows(db_pool)
+    averages = await averages_of(store, "c", ["same", "v1", "v2"], ["one.py", "two.py", "a.py"])
+    other = await averages_of(store, "other", ["v1"], ["a.py"])
+
+    assert await store.trim_history() == 150
+    after = await sample_rows(db_pool)
+    assert {r[0] for r in after} == latest_hundreds(before)
+    assert len(after) == 30 + 50 + 100 + 100 + 100
+    assert sum(r[3] == "two.py" for r in after) == 50
+    assert await averages_of(store, "c", ["same", "v1", "v2"], ["one.py", "two.py", "a.py"]) == averages
+    assert await averages_of(store, "other", ["v1"], ["a.py"]) == other
+
+
+async def test_trim_deletes_nothing_when_nothing_is_over(db_pool: Pool) -> None:
+    store = Store(db_pool)
+    await store.start()
+    await store.commit(samples("c", "x", "x.py", range(100)))
+    await store.commit(samples("c", "y", "y.py", range(60)))
+    await store.commit(samples("c", "z", "y.py", range(40)))
+    assert await store.trim_history() == 0
+    assert len(await sample_rows(db_pool)) == 200
+
+
+async def test_trim_deletes_at_most_a_batch_per_statement(db_pool: Pool) -> None:
+    store = Store(db_pool)
+    await store.start()
+    await store.commit(samples("c", "x", "x.py", range(250)))
+    before = await sample_rows(db_pool)
+    averages = await averages_of(store, "c", ["x"], ["x.py"])
+    assert await store.trim_history(batch_size=40, max_batches=1) == 40
+    assert await store.trim_history(batch_size=40, max_batches=2) == 80
+    assert len(await sample_rows(db_pool)) == 130
+    assert await store.trim_history(batch_size=40) == 30
+    assert {r[0] for r in await sample_rows(db_pool)} == latest_hundreds(before)
+    assert await averages_of(store, "c", ["x"], ["x.py"]) == averages
+
+
+async def test_needs_ids_follows_the_block_at_hand(db_pool: Pool) -> None:
+    store = Store(db_pool)
+    await store.start()
+    assert store.needs_ids("tasks")
+    assert not store.needs_ids("trials", 1000)
+    store.new_id("trials")
+    assert store.needs_ids("trials", 1000)
+    await store.ensure_ids("trials", 1000)
+    assert not store.needs_ids("trials", 1000)
