@@ -44,7 +44,6 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
     opcode = WSMsgType.BINARY if codec is wire.Codec.MSGPACK else WSMsgType.TEXT
     inflight: set[asyncio.Task[None]] = set()
     waiting: set[asyncio.Task[None]] = set()
-    slots = asyncio.Semaphore(MAX_INFLIGHT)
 
     async def writer() -> None:
         while True:
@@ -72,8 +71,6 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                 await ws.send_frame(reply, opcode)
         except (ConnectionError, RuntimeError):
             conn.close()
-        finally:
-            slots.release()
 
     writer_task = asyncio.create_task(writer(), name=f"ws-writer-{conn.id}")
     try:
@@ -88,7 +85,9 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                 if isinstance(frame, wire.Response):
                     conn.deliver(frame)
                     continue
-                await slots.acquire()
+                while len(inflight) >= MAX_INFLIGHT:
+                    # Enough calls of this peer wait already: read no more of its frames until one ends.
+                    await asyncio.wait(list(inflight), return_when=asyncio.FIRST_COMPLETED)
                 task = asyncio.create_task(answer(frame))
                 if frame.method in WAITING_METHODS:
                     waiting.add(task)

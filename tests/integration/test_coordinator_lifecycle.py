@@ -340,3 +340,24 @@ async def test_dequeue_is_answered_while_a_commit_is_stuck(database_url: str, tm
             await blocker.close()
         row = await h.get(f"/api/v1/trials/{trial[1]}")
         assert row[0] == 200 and row[1]["started_at"] is not None
+
+
+async def test_a_peer_with_too_many_calls_waiting_is_read_no_further(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the in-flight bound, a connection's next frame waits until one of its calls ends."""
+    monkeypatch.setattr("coordinator.transport.ws.MAX_INFLIGHT", 3)
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as a, h.client() as b:
+        ref = await new_taskset(h, [task("only.py")])
+        sa = await a.call("create_slave", "sa", ref)
+        task_ref, *_ = await a.call("dequeue_task", ref)
+        waiting = [asyncio.create_task(b.call("dequeue_task", ref, timeout=20)) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        status = asyncio.create_task(b.call("query_taskset_status", ref, timeout=20))
+        await asyncio.sleep(0.5)
+        assert not status.done(), "a fourth call was read while three waited"
+        assert await a.call("query_taskset_status", ref) == "waiting"  # other peers are unaffected
+        trial = await a.call("create_trial", task_ref, sa)
+        await a.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+        assert await asyncio.gather(*waiting) == [None, None, None]
+        assert await status == "succeeded"
