@@ -30,14 +30,25 @@ class Connection:
         self.id = next(self._ids)
         self.roles = roles
         self.codec = codec
-        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue(outbox_frames)
+        self._outbox_frames = outbox_frames
+        self._outbox: asyncio.Queue[bytes | None] | None = None
         self.slave_ids: set[int] = set()
         self.taskset_ids: set[int] = set()
         self.worker_name: str | None = None
         self.closed = False
         self.on_close: Callable[[], None] | None = None
+        # Called when a frame is queued: the transport starts its writer on the first one, so a connection
+        # that is only ever answered (most slaves) costs no writer task.
+        self.on_queued: Callable[[], None] | None = None
         self._pending: dict[int, asyncio.Future[Response]] = {}
         self._next_request = itertools.count(1)
+
+    @property
+    def outbox(self) -> asyncio.Queue[bytes | None]:
+        """Frames waiting to be sent; made on first use, since most slaves are only ever answered."""
+        if self._outbox is None:
+            self._outbox = asyncio.Queue(self._outbox_frames)
+        return self._outbox
 
     def __repr__(self) -> str:
         return f"<Connection {self.id}>"
@@ -51,6 +62,9 @@ class Connection:
         except asyncio.QueueFull:
             log.warning("connection_close", connection=self.id)
             self.close()
+            return
+        if self.on_queued is not None:
+            self.on_queued()
 
     def close(self) -> None:
         if self.closed:
@@ -61,12 +75,12 @@ class Connection:
                 future.set_exception(ConnectionGone(f"connection {self.id} closed"))
         self._pending.clear()
         # Wake the writer so it notices; drop queued frames if there is no room.
-        while True:
+        while self._outbox is not None:
             try:
-                self.outbox.put_nowait(None)
+                self._outbox.put_nowait(None)
                 break
             except asyncio.QueueFull:
-                self.outbox.get_nowait()
+                self._outbox.get_nowait()
         if self.on_close is not None:
             self.on_close()
 

@@ -61,6 +61,14 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
             coordinator.spawn(ws.close(code=1008, message=b"outbox full"), f"close-{conn.id}")
 
     conn.on_close = close_socket
+    writer_task: asyncio.Task[None] | None = None
+
+    def start_writer() -> None:
+        nonlocal writer_task
+        if writer_task is None:
+            writer_task = asyncio.create_task(writer(), name=f"ws-writer-{conn.id}")
+
+    conn.on_queued = start_writer
 
     async def answer(frame: wire.Request | wire.NotificationFrame) -> None:
         # A reply is written at once rather than through the outbox: a peer that stops reading holds up
@@ -72,7 +80,6 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
         except (ConnectionError, RuntimeError):
             conn.close()
 
-    writer_task = asyncio.create_task(writer(), name=f"ws-writer-{conn.id}")
     try:
         async for msg in ws:
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -114,8 +121,9 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         conn.close()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer_task
+        if writer_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer_task
         metrics.connections.labels("all").dec()
         await asyncio.shield(coordinator.connection_closed(conn))
         if not ws.closed:
