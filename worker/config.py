@@ -95,6 +95,13 @@ _OPTIONS: Final = (
         "TESTFLEET_SLAVE_GRACE_SEC",
         "seconds between SIGTERM and SIGKILL when stopping slaves (default: 5)",
     ),
+    _Option(
+        "--heartbeat-sec",
+        "SEC",
+        "TESTFLEET_WORKER_HEARTBEAT_SEC",
+        "seconds between heartbeats, below 10 (default: 5); keep it at or below the coordinator's "
+        "--heartbeat-sec, which drops a worker silent for 3 of its periods",
+    ),
     _Option("--log-level", "LEVEL", "TESTFLEET_LOG_LEVEL", f"one of {', '.join(LOG_LEVELS)} (default: info)"),
 )
 
@@ -174,6 +181,7 @@ def settings_from_namespace(args: argparse.Namespace, environ: Mapping[str, str]
             "rsync_options": tuple(shlex.split(raw["--rsync-options"] or "")),
             "token": raw["--token"],
             "slave_grace_sec": float(raw["--slave-grace-sec"]) if raw["--slave-grace-sec"] else 5.0,
+            "heartbeat_sec": float(raw["--heartbeat-sec"]) if raw["--heartbeat-sec"] else 5.0,
             "log_level": (raw["--log-level"] or "info").lower(),
         }
     except ValueError as exc:

@@ -28,6 +28,7 @@ def test_every_flag_reads_its_environment_variable() -> None:
         "TESTFLEET_RSYNC_OPTIONS": "-z --exclude='a b'",
         "TESTFLEET_TOKEN": "sekret",
         "TESTFLEET_SLAVE_GRACE_SEC": "2.5",
+        "TESTFLEET_WORKER_HEARTBEAT_SEC": "2",
         "TESTFLEET_LOG_LEVEL": "DEBUG",
     }
     settings = settings_from_args([], env)
@@ -41,6 +42,7 @@ def test_every_flag_reads_its_environment_variable() -> None:
         rsync_options=("-z", "--exclude=a b"),
         token="sekret",
         slave_grace_sec=2.5,
+        heartbeat_sec=2.0,
         log_level="debug",
     )
     assert settings.bundle_url("my.project") == "https://coord.example:443/api/v1/bundles/my.project"
@@ -54,7 +56,7 @@ def test_defaults() -> None:
     assert settings.slave_grace_sec == 5.0
     assert settings.rsync_remote_path is None
     assert settings.token is None
-    assert settings.heartbeat_sec < 10
+    assert settings.heartbeat_sec == 5.0
     assert settings.work_dir.endswith((".cache/testfleet/work", f"testfleet-work-{os.getuid()}"))
     other = settings_from_args(["--coordinator", "http://x"], {})
     assert settings.name != other.name, "the default name carries a unique suffix"
@@ -71,6 +73,9 @@ def test_defaults() -> None:
         ["--coordinator", "http://x", "--name", "../etc"],
         ["--coordinator", "http://x", "--rsync-options", "'unbalanced"],
         ["--coordinator", "http://x", "--log-level", "loud"],
+        ["--coordinator", "http://x", "--heartbeat-sec", "10"],
+        ["--coordinator", "http://x", "--heartbeat-sec", "0"],
+        ["--coordinator", "http://x", "--heartbeat-sec", "often"],
     ],
 )
 def test_bad_settings_are_refused(argv: list[str]) -> None:
@@ -85,7 +90,13 @@ def test_url_normalization() -> None:
 
 def test_help_names_each_variable() -> None:
     text = build_parser().format_help()
-    for var in ("TESTFLEET_COORDINATOR", "TESTFLEET_SLAVES", "TESTFLEET_RSYNC_OPTIONS", "TESTFLEET_SLAVE_GRACE_SEC"):
+    for var in (
+        "TESTFLEET_COORDINATOR",
+        "TESTFLEET_SLAVES",
+        "TESTFLEET_RSYNC_OPTIONS",
+        "TESTFLEET_SLAVE_GRACE_SEC",
+        "TESTFLEET_WORKER_HEARTBEAT_SEC",
+    ):
         assert var in text
 
 
