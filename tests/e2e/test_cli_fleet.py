@@ -8,6 +8,7 @@ coordinator restart in the middle of a run, and `local` leaving no process behin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -44,14 +45,14 @@ def env_for(server: Serve, **extra: str) -> dict[str, str]:
     return cli_env(**{"TESTFLEET_COORDINATOR": server.url, "TESTFLEET_TOKEN": "client-secret", **extra})
 
 
-@pytest.fixture
-def worker(serve: Serve, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """One worker daemon with two slaves, stopped (TERM) after the test."""
-    log = (tmp_path / "worker.log").open("wb")
+@contextlib.contextmanager
+def running_worker(serve: Serve, tmp_path: Path, name: str, *flags: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker daemon process with these extra flags, logging to tmp_path, stopped (TERM) at the end."""
+    log = (tmp_path / f"{name}.log").open("wb")
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "worker", "--coordinator", serve.url, "--name", "e2e-worker"),
-            *("--slaves", "2", "--work-dir", str(tmp_path / "work"), "--log-level", "info"),
+            *(sys.executable, "-m", "worker", "--coordinator", serve.url, "--name", name),
+            *("--work-dir", str(tmp_path / "work"), "--log-level", "info", *flags),
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -69,6 +70,13 @@ def worker(serve: Serve, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
             process.kill()
             process.wait()
         log.close()
+
+
+@pytest.fixture
+def worker(serve: Serve, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """One worker daemon with two slaves."""
+    with running_worker(serve, tmp_path, "e2e-worker", "--slaves", "2") as process:
+        yield process
 
 
 def plain_pytest(project: Path, junit: Path) -> dict[str, int]:
@@ -274,19 +282,7 @@ async def test_rsync_transport(serve: Serve, tmp_path: Path) -> None:
         pytest.skip("rsync is not installed")
     remote = tmp_path / "remote"
     remote.mkdir()
-    log = (tmp_path / "rsync-worker.log").open("wb")
-    worker = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "worker", "--coordinator", serve.url, "--name", "rsync-worker"),
-            *("--slaves", "1", "--work-dir", str(tmp_path / "work"), "--rsync-remote-path", str(remote)),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        env=cli_env(),
-        cwd=REPO,
-    )
-    try:
+    with running_worker(serve, tmp_path, "rsync-worker", "--slaves", "1", "--rsync-remote-path", str(remote)):
         project = copy_suite("passing", tmp_path)
         env = env_for(serve, TESTFLEET_RSYNC_REMOTE_PATH=str(remote), TESTFLEET_RSYNC_NAME="carol")
         run = await asyncio.to_thread(run_cli, "run", cwd=project, env=env)
@@ -294,7 +290,3 @@ async def test_rsync_transport(serve: Serve, tmp_path: Path) -> None:
         assert "rsynced the project" in run.stderr
         assert sorted(p.name for p in (remote / "carol").iterdir()) == sorted(p.name for p in project.iterdir())
         assert (tmp_path / "work" / "carol" / "test_alpha.py").is_file()
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(30)
-        log.close()
