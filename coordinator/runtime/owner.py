@@ -66,6 +66,7 @@ class Owner:
         self._arrival: asyncio.Future[None] | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self.last_used = asyncio.get_running_loop().time()
 
     @property
@@ -76,6 +77,7 @@ class Owner:
         self._task = asyncio.create_task(self._loop(), name=f"taskset-owner-{self.model.id}")
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -91,6 +93,8 @@ class Owner:
 
         `needs` names the table a command may take one new id of, so the batch reserves enough first.
         """
+        if self._stopped:
+            raise Unavailable("this taskset's state was unloaded; try again")
         loop = asyncio.get_running_loop()
         self.last_used = loop.time()
         future: asyncio.Future[Any] = loop.create_future()

@@ -8,7 +8,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from coordinator.core.errors import Unavailable
+from coordinator.core.taskset import Effects
 from coordinator.runtime.coordinator import RuntimeSettings
+from coordinator.transport import keys
 from tests.integration.coord import RpcError, new_taskset, run_trial, running_coordinator, task
 
 
@@ -361,3 +364,19 @@ async def test_a_peer_with_too_many_calls_waiting_is_read_no_further(
         await a.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
         assert await asyncio.gather(*waiting) == [None, None, None]
         assert await status == "succeeded"
+
+
+async def test_a_command_for_an_unloaded_taskset_is_refused_not_left_waiting(database_url: str, tmp_path: Path) -> None:
+    """An owner stopped (its taskset unloaded) refuses commands at once; the next call loads a fresh one."""
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [task("a.py")])
+        coordinator = h.server.app[keys.COORDINATOR]
+        stale = await coordinator.owner(ref[1])
+        assert stale is not None
+        coordinator.owners.pop(stale.id)
+        await stale.stop()
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(stale.run(lambda model, now: (None, Effects())), 5)
+        assert await h.call("query_taskset_status", ref) == "waiting"
+        fresh = await coordinator.owner(ref[1])
+        assert fresh is not None and fresh is not stale
