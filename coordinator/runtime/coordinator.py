@@ -22,7 +22,7 @@ from coordinator.core.errors import (
     Unavailable,
     WorkerLogNotFound,
 )
-from coordinator.core.taskset import Effects, TasksetModel, Wait, check_tasks
+from coordinator.core.taskset import WAIT, Effects, TasksetModel, Wait, check_tasks
 from coordinator.runtime.hub import Connection, Hub
 from coordinator.runtime.metrics import Metrics
 from coordinator.runtime.owner import Owner, utcnow
@@ -337,22 +337,32 @@ class Coordinator:
     async def dequeue_task(self, conn: Connection | None, p: m.TasksetRefParams) -> m.DequeuedTask | None:
         assert conn is not None
         owner = await self._owner_of(p.taskset_ref)
-        conn.taskset_ids.add(owner.id)
-        slave_id = next((sid for sid in conn.slave_ids if sid in owner.model.slaves), None)
-        holder = conn.id
         while True:
             if conn.closed:
                 raise Conflict("the connection closed")
-            # A lease changes nothing durable (a restart queues the task again), so it is answered at once
-            # from the model rather than behind the taskset's pending commits.
-            owner.last_used = asyncio.get_running_loop().time()
-            result = owner.model.dequeue(holder, slave_id, utcnow())
+            result = self._lease(owner, conn)
             if not isinstance(result, Wait):
-                if result is not None:
-                    self.metrics.leases.inc()
                 return result
             wait = owner.model.next_straggler_check(utcnow())
             await owner.changed(self.settings.dequeue_poll_s if wait is None else min(wait + 0.01, 5.0))
+
+    def dequeue_task_now(self, conn: Connection | None, p: m.TasksetRefParams) -> m.DequeuedTask | Wait | None:
+        """`dequeue_task` when it needs no wait (its taskset is loaded and has an answer), else `Wait`."""
+        owner = self.owners.get(p.taskset_ref.id)
+        if owner is None or conn is None or conn.closed:
+            return WAIT
+        return self._lease(owner, conn)
+
+    def _lease(self, owner: Owner, conn: Connection) -> m.DequeuedTask | Wait | None:
+        # A lease changes nothing durable (a restart queues the task again), so it is answered at once
+        # from the model rather than behind the taskset's pending commits.
+        conn.taskset_ids.add(owner.id)
+        slave_id = next((sid for sid in conn.slave_ids if sid in owner.model.slaves), None)
+        owner.last_used = asyncio.get_running_loop().time()
+        result = owner.model.dequeue(conn.id, slave_id, utcnow())
+        if result is not None and not isinstance(result, Wait):
+            self.metrics.leases.inc()
+        return result
 
     async def try_finish_taskset(self, conn: Connection | None, p: m.TasksetRefParams) -> None:
         owner = await self._owner_of(p.taskset_ref)

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import structlog
 from aiohttp import web
 
 from coordinator.core import errors as core_errors
+from coordinator.core.taskset import Wait
 from coordinator.runtime.coordinator import Coordinator, Handler
 from coordinator.runtime.hub import Connection
 from coordinator.transport import keys
@@ -84,6 +86,32 @@ class Dispatcher:
         self.coordinator = coordinator
         self.metrics = coordinator.metrics
         self._latency = {name: self.metrics.rpc_latency.labels(name) for name in COORDINATOR_METHODS}
+        # Methods that can often be answered without waiting: their handler's synchronous form.
+        self._immediate: dict[str, Callable[[Connection | None, Any], Any]] = {
+            "dequeue_task": coordinator.dequeue_task_now,
+        }
+
+    def answer_now(
+        self,
+        request: wire.Request | wire.NotificationFrame,
+        codec: wire.Codec,
+        roles: frozenset[Role],
+        conn: Connection,
+    ) -> bytes | None:
+        """The reply to a call that needs no wait, or `None`: then `handle` answers it, errors included."""
+        immediate = self._immediate.get(request.method)
+        if immediate is None or not isinstance(request, wire.Request):
+            return None
+        started = time.perf_counter()
+        try:
+            _, params = self._resolve(request, request.id, codec, roles, conn)
+            result = immediate(conn, params)
+        except Exception:
+            return None
+        if isinstance(result, Wait):
+            return None
+        self._latency[request.method].observe(time.perf_counter() - started)
+        return wire.encode_result(request.id, result, codec)
 
     async def handle(
         self,

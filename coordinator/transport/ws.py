@@ -92,6 +92,14 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                 if isinstance(frame, wire.Response):
                     conn.deliver(frame)
                     continue
+                reply = dispatcher.answer_now(frame, codec, conn.roles, conn)
+                if reply is not None:
+                    # Answered without waiting: no task for it.
+                    try:
+                        await ws.send_frame(reply, opcode)
+                    except (ConnectionError, RuntimeError):
+                        conn.close()
+                    continue
                 while len(inflight) >= MAX_INFLIGHT:
                     # Enough calls of this peer wait already: read no more of its frames until one ends.
                     await asyncio.wait(list(inflight), return_when=asyncio.FIRST_COMPLETED)
