@@ -61,6 +61,9 @@ _TRANSIENT: Final = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     ConnectionError,
+    # A pooled connection caught mid-protocol when its server process died (seen as "cannot switch to
+    # state ..."): the commit path drops that connection, and another one will do.
+    asyncpg.InternalClientError,
 )
 _log = structlog.get_logger("testfleet.store")
 _BLOCKS: Final = {"tasks": 1000, "trials": 1000, "slaves": 1000, "worker_logs": 1000}
@@ -188,15 +191,19 @@ class Store:
         trial_args = _trial_arguments(groups) if groups.keys() & _TRIAL_WRITES.keys() else None
         started = time.perf_counter()
         async with self.pool.acquire() as conn:
-            if trial_args is not None and not groups.keys() - _TRIAL_WRITES.keys():
-                # A single statement is its own transaction: one round trip commits the whole group.
-                await conn.execute(QUERIES["commit_trials"], *trial_args)
-            else:
-                async with conn.transaction():
-                    await _execute_kinds(conn, groups, _BEFORE_TRIALS)
-                    if trial_args is not None:
-                        await conn.execute(QUERIES["commit_trials"], *trial_args)
-                    await _execute_kinds(conn, groups, _AFTER_TRIALS)
+            try:
+                if trial_args is not None and not groups.keys() - _TRIAL_WRITES.keys():
+                    # A single statement is its own transaction: one round trip commits the whole group.
+                    await conn.execute(QUERIES["commit_trials"], *trial_args)
+                else:
+                    async with conn.transaction():
+                        await _execute_kinds(conn, groups, _BEFORE_TRIALS)
+                        if trial_args is not None:
+                            await conn.execute(QUERIES["commit_trials"], *trial_args)
+                        await _execute_kinds(conn, groups, _AFTER_TRIALS)
+            except asyncpg.InternalClientError:
+                conn.terminate()  # never handed out again: the pool opens a fresh one
+                raise
         if self._observe is not None:
             self._observe(time.perf_counter() - started, len(writes))
 
