@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.main import EXEC_MODULES, SUBCOMMANDS
-from tests.e2e.test_cli_support import REPO, Serve, cli_env, copy_suite, run_cli, serve, start_cli
+from tests.e2e.test_cli_support import REPO, Serve, cli_env, copy_suite, run_cli, serve, start_cli, terminate
 
 pytestmark = [
     pytest.mark.e2e,
@@ -63,12 +63,7 @@ def running_worker(serve: Serve, tmp_path: Path, name: str, *flags: str) -> Iter
     try:
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
         log.close()
 
 

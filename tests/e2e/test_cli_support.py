@@ -78,16 +78,22 @@ class Serve:
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, sig, timeout)
         self.process = None
         with self.log_path.open("a") as log:
             log.write("\n--- start\n")
+
+
+def terminate(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """Send `sig` to a process still running and wait for it; KILL it if it outlasts `timeout`."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def cli_env(**extra: str) -> dict[str, str]:

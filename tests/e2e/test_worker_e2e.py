@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_cli_support import REPO, SUITES, Serve, cli_env, free_port
+from tests.e2e.test_cli_support import REPO, SUITES, Serve, cli_env, free_port, terminate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -222,13 +222,7 @@ def run_worker(
         wait_until(lambda: fleet.worker_taskset(name) != "gone", 30, f"worker {name} to register")
         yield worker
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process)
         # Slaves stop by themselves once their worker is gone; whatever is still there is killed.
         with contextlib.suppress(AssertionError):
             wait_until(lambda: not worker.children(), 20, "the worker's processes to end")
