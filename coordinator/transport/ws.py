@@ -70,15 +70,20 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
 
     conn.on_queued = start_writer
 
-    async def answer(frame: wire.Request | wire.NotificationFrame) -> None:
+    async def send_reply(reply: bytes) -> None:
         # A reply is written at once rather than through the outbox: a peer that stops reading holds up
         # its own calls (and, once MAX_INFLIGHT wait, the reading of its frames), and nothing else.
+        if conn.closed or ws.closed:
+            return
         try:
-            reply = await dispatcher.handle(frame, codec, conn.roles, conn)
-            if reply is not None and not conn.closed and not ws.closed:
-                await ws.send_frame(reply, opcode)
+            await ws.send_frame(reply, opcode)
         except (ConnectionError, RuntimeError):
             conn.close()
+
+    async def answer(frame: wire.Request | wire.NotificationFrame) -> None:
+        reply = await dispatcher.handle(frame, codec, conn.roles, conn)
+        if reply is not None:
+            await send_reply(reply)
 
     try:
         async for msg in ws:
@@ -94,11 +99,7 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                     continue
                 reply = dispatcher.answer_now(frame, codec, conn.roles, conn)
                 if reply is not None:
-                    # Answered without waiting: no task for it.
-                    try:
-                        await ws.send_frame(reply, opcode)
-                    except (ConnectionError, RuntimeError):
-                        conn.close()
+                    await send_reply(reply)  # answered without waiting: no task for it
                     continue
                 while len(inflight) >= MAX_INFLIGHT:
                     # Enough calls of this peer wait already: read no more of its frames until one ends.
