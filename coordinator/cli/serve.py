@@ -209,7 +209,7 @@ def tune_gc() -> None:
 
     With the default threshold (700 allocations) the objects of calls waiting on a commit survive two
     young collections and pile into the oldest generation, whose full scans then walk every task state
-    of every loaded taskset: a tenth of the coordinator's time and its longest pauses under load. A far
+    of every loaded taskset: about 15 % of the coordinator's time and its longest pauses under load. A far
     higher threshold holds more garbage cycles between collections: at 50,000, about 50 MB more with
     15,000 idle connections (scripts/bench-dispatch).
     """
