@@ -14,6 +14,7 @@ from coordinator.runtime.hub import Hub
 from coordinator.runtime.metrics import Metrics
 from coordinator.store.store import Store
 from coordinator.transport import api, bundles, keys
+from coordinator.transport.liveness import Liveness
 from coordinator.transport.rpc import Dispatcher, Tokens, rpc_view
 from coordinator.transport.ws import ws_view
 
@@ -61,12 +62,15 @@ def build_app(
     app[keys.DISPATCHER] = Dispatcher(coordinator)
     app[keys.TOKENS] = tokens or Tokens()
     app[keys.BUNDLES] = bundles.Bundles(bundle_dir)
+    liveness = app[keys.LIVENESS] = Liveness(coordinator.settings.heartbeat_s)
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
         store._observe = metrics.observe_commit
         await store.start()
         await coordinator.start()
+        liveness.start()
         yield
+        await liveness.stop()
         await coordinator.close()
         await store.close()
 

@@ -10,6 +10,7 @@ from aiohttp import WSMsgType, web
 
 from coordinator.runtime.hub import Connection
 from coordinator.transport import keys
+from coordinator.transport.liveness import Liveness
 from coordinator.transport.rpc import Dispatcher, Tokens, presented_token
 from protocol import codec as wire
 from protocol import errors as perr
@@ -24,16 +25,19 @@ FINISH_ON_CLOSE_S = 10.0
 async def ws_view(request: web.Request) -> web.StreamResponse:
     dispatcher: Dispatcher = request.app[keys.DISPATCHER]
     tokens: Tokens = request.app[keys.TOKENS]
+    liveness: Liveness = request.app[keys.LIVENESS]
     ws = web.WebSocketResponse(
         protocols=tuple(wire.SUBPROTOCOLS),
         max_msg_size=wire.MAX_FRAME_BYTES,
-        # A peer silent for a heartbeat period is pinged and dropped without a pong within half of it: a
-        # frozen or cut-off slave's connection closes (and its grace period starts) on the same time scale
-        # as a silent worker is dropped.
-        heartbeat=dispatcher.coordinator.settings.heartbeat_s,
+        # Pings are `Liveness`'s: a peer silent for a heartbeat period is pinged and dropped without a pong
+        # within half of it, so a frozen or cut-off slave's connection closes (and its grace period starts)
+        # on the same time scale as a silent worker is dropped. Its pings are answered below.
+        autoping=False,
         compress=False,
     )
     await ws.prepare(request)
+    peer = liveness.add(ws, request.transport)
+    clock = asyncio.get_running_loop().time
     codec = wire.SUBPROTOCOLS.get(ws.ws_protocol or "", wire.Codec.JSON)
     conn = Connection(tokens.roles_for(presented_token(request)), codec)
     coordinator = dispatcher.coordinator
@@ -87,6 +91,7 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
 
     try:
         async for msg in ws:
+            peer.heard_at = clock()
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 try:
                     # Text frames are decoded as they came (str): no copy back to bytes.
@@ -110,6 +115,12 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                     task.add_done_callback(waiting.discard)
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
+            elif msg.type is WSMsgType.PING:
+                try:
+                    await ws.pong(msg.data)
+                except (ConnectionError, RuntimeError):
+                    conn.close()
+                    break
             elif msg.type is WSMsgType.ERROR:
                 error = ws.exception()
                 log.info("ws_error", connection=conn.id, error=str(error))
@@ -118,6 +129,7 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                     await ws.close(code=code, message=b"frame too large" if code == 1009 else b"")
                 break
     finally:
+        liveness.remove(peer)
         # A call that waits for work is pointless without its caller; every other call it sent
         # before leaving is carried out (its reply has nowhere to go, but its change counts).
         for task in list(waiting):
