@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import structlog
 
 from protocol.errors import ProtocolError
-from worker.config import SettingsError, WorkerSettings, build_parser, settings_from_namespace
+from worker.config import SettingsError, WorkerSettings, build_parser, notices, settings_from_namespace
 from worker.daemon import Daemon
 from worker.slaves import become_subreaper
 
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         parser.error(str(exc))
     configure_logging(settings.log_level)
+    for notice in notices(os.environ):
+        structlog.get_logger("testfleet.worker").warning("worker_setting_ignored", detail=notice)
     return asyncio.run(serve(settings))
 
 

@@ -92,7 +92,7 @@ _OPTIONS: Final = (
     _Option(
         "--slave-grace-sec",
         "SEC",
-        "TESTFLEET_SLAVE_GRACE_SEC",
+        "TESTFLEET_WORKER_SLAVE_GRACE_SEC",
         "seconds between SIGTERM and SIGKILL when stopping slaves (default: 5)",
     ),
     _Option(
@@ -147,6 +147,20 @@ def normalize_coordinator_url(url: str) -> str:
 
 class SettingsError(ValueError):
     """The flags or environment do not make valid settings."""
+
+
+# The coordinator's variable of the same flag name: its re-bind grace, not the worker's stop wait.
+COORDINATOR_GRACE_ENV: Final = "TESTFLEET_SLAVE_GRACE_SEC"
+
+
+def notices(environ: Mapping[str, str]) -> list[str]:
+    """What the worker should warn about in its environment: settings it reads no longer, or never did."""
+    if environ.get(COORDINATOR_GRACE_ENV) and not environ.get("TESTFLEET_WORKER_SLAVE_GRACE_SEC"):
+        return [
+            f"{COORDINATOR_GRACE_ENV} is the coordinator's re-bind grace and is ignored here; the worker's "
+            "wait between SIGTERM and SIGKILL is TESTFLEET_WORKER_SLAVE_GRACE_SEC (or --slave-grace-sec)"
+        ]
+    return []
 
 
 def settings_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> WorkerSettings:

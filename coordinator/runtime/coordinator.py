@@ -25,7 +25,7 @@ from coordinator.core.errors import (
 from coordinator.core.taskset import WAIT, Effects, TasksetModel, Wait, check_tasks
 from coordinator.runtime.hub import Connection, Hub
 from coordinator.runtime.metrics import Metrics
-from coordinator.runtime.owner import Owner, utcnow
+from coordinator.runtime.owner import Command, Owner, utcnow
 from coordinator.runtime.workers import Workers
 from coordinator.store.store import Store
 from protocol import messages as m
@@ -43,6 +43,8 @@ from protocol.types import (
 log = structlog.get_logger("testfleet.coordinator")
 
 Handler = Callable[[Connection | None, Any], Awaitable[Any]]
+# A call ready for `Owner.submit`: the owner, its command, and the table it may take a new id of.
+Submission = tuple[Owner, Command, str | None]
 IDLE_OWNER_S: Final = 300.0
 HISTORY_TRIM_S: Final = 600.0
 
@@ -199,7 +201,8 @@ class Coordinator:
             raise TasksetNotFound(f"no taskset {ref.id}")
         return owner
 
-    async def _owner_by(self, kind: str, ref_id: int) -> Owner:
+    def _loaded_owner_by(self, kind: str, ref_id: int) -> Owner | None:
+        """The loaded owner whose taskset holds this task, trial, slave or worker log, if any."""
         for owner in self.owners.values():
             model = owner.model
             if (
@@ -209,6 +212,12 @@ class Coordinator:
                 or (kind == "worker_log" and ref_id in model.worker_logs)
             ):
                 return owner
+        return None
+
+    async def _owner_by(self, kind: str, ref_id: int) -> Owner:
+        loaded = self._loaded_owner_by(kind, ref_id)
+        if loaded is not None:
+            return loaded
         taskset_id = await self.store.taskset_of(kind, ref_id)
         found = None if taskset_id is None else await self.owner(taskset_id)
         if found is None:
@@ -420,26 +429,38 @@ class Coordinator:
             await self._owner_by("slave", p.slave_ref.id)  # NotFound for an unknown slave
             raise InvalidArgument(f"slave {p.slave_ref.id} is not a slave of taskset {owner.id}")
         self._bind_slave(conn, owner.id, p.slave_ref.id)
-        new_id = self.store.new_id
-        ref: TrialRef = await owner.run(
-            lambda model, now: model.create_trial(p.task_ref.id, p.slave_ref.id, lambda: new_id("trials"), now),
-            needs="trials",
-        )
+        ref: TrialRef = await owner.run(self._create_trial_command(p), needs="trials")
         return ref
 
     async def start_trial(self, conn: Connection | None, p: m.TrialRefParams) -> None:
         owner = await self._owner_by("trial", p.trial_ref.id)
-        await owner.run(lambda model, now: (None, model.start_trial(p.trial_ref.id, now)))
+        await owner.run(_start_trial_command(p))
 
     async def finish_trial(self, conn: Connection | None, p: m.FinishTrialParams) -> None:
         owner = await self._owner_by("trial", p.trial_ref.id)
-        counts = (p.passed, p.pending, p.failed)
-        await owner.run(
-            lambda model, now: (
-                None,
-                model.finish_trial(p.trial_ref.id, p.trial_status, p.stdout, p.stderr, counts, now),
-            )
-        )
+        await owner.run(_finish_trial_command(p))
+
+    def _create_trial_command(self, p: m.CreateTrialParams) -> Command:
+        new_id = self.store.new_id
+        return lambda model, now: model.create_trial(p.task_ref.id, p.slave_ref.id, lambda: new_id("trials"), now)
+
+    # The same three calls in the form the transport submits without a task: the owner and command when
+    # the taskset is loaded and nothing needs a wait first; `None` sends the call down the full path.
+
+    def create_trial_now(self, conn: Connection | None, p: m.CreateTrialParams) -> Submission | None:
+        owner = self._loaded_owner_by("task", p.task_ref.id)
+        if owner is None or p.slave_ref.id not in owner.model.slaves:
+            return None
+        self._bind_slave(conn, owner.id, p.slave_ref.id)
+        return owner, self._create_trial_command(p), "trials"
+
+    def start_trial_now(self, conn: Connection | None, p: m.TrialRefParams) -> Submission | None:
+        owner = self._loaded_owner_by("trial", p.trial_ref.id)
+        return None if owner is None else (owner, _start_trial_command(p), None)
+
+    def finish_trial_now(self, conn: Connection | None, p: m.FinishTrialParams) -> Submission | None:
+        owner = self._loaded_owner_by("trial", p.trial_ref.id)
+        return None if owner is None else (owner, _finish_trial_command(p), None)
 
     async def current_taskset(self, conn: Connection | None, p: m.CurrentTasksetParams) -> None:
         assert conn is not None
@@ -515,6 +536,18 @@ class Coordinator:
         assert target is not None
         self._bind_slave(None, taskset_id, slave_id)
         await target.run(lambda model, now: (None, model.force_finish_slave(slave_id, p.slave_status, now)))
+
+
+def _start_trial_command(p: m.TrialRefParams) -> Command:
+    return lambda model, now: (None, model.start_trial(p.trial_ref.id, now))
+
+
+def _finish_trial_command(p: m.FinishTrialParams) -> Command:
+    counts = (p.passed, p.pending, p.failed)
+    return lambda model, now: (
+        None,
+        model.finish_trial(p.trial_ref.id, p.trial_status, p.stdout, p.stderr, counts, now),
+    )
 
 
 def _releaser(holder: int) -> Callable[[TasksetModel, dt.datetime], tuple[None, Effects]]:

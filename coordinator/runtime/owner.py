@@ -21,6 +21,9 @@ log = structlog.get_logger("testfleet.owner")
 
 BATCH: Final = 512
 Command = Callable[[TasksetModel, dt.datetime], tuple[Any, Effects]]
+# Told a command's result or error once its batch is committed (or has failed): the transport's way to
+# write a reply at once, without a task waiting on a future.
+Settle = Callable[[Any, BaseException | None], None]
 
 
 def utcnow() -> dt.datetime:
@@ -36,12 +39,36 @@ class Listener(Protocol):
 
 
 class _Job:
-    __slots__ = ("command", "future", "needs")
+    """A command, and whom to tell its outcome: a future someone awaits, or a `Settle` callback."""
 
-    def __init__(self, command: Command, future: asyncio.Future[Any], needs: str | None) -> None:
+    __slots__ = ("command", "future", "needs", "settle")
+
+    def __init__(
+        self, command: Command, future: asyncio.Future[Any] | None, needs: str | None, settle: Settle | None = None
+    ) -> None:
         self.command = command
         self.future = future
         self.needs = needs
+        self.settle = settle
+
+    @property
+    def abandoned(self) -> bool:
+        """Its caller stopped waiting (a future cancelled): the command is skipped."""
+        return self.future is not None and self.future.cancelled()
+
+    def tell(self, result: Any, error: BaseException | None) -> None:
+        """Hand over the outcome, once."""
+        if self.settle is not None:
+            settle, self.settle = self.settle, None
+            try:
+                settle(result, error)
+            except Exception:
+                log.exception("settle_failed")
+        elif self.future is not None and not self.future.done():
+            if error is None:
+                self.future.set_result(result)
+            else:
+                self.future.set_exception(error)
 
 
 class _Batch:
@@ -83,9 +110,7 @@ class Owner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         while self._jobs:
-            job = self._jobs.popleft()
-            if not job.future.done():
-                job.future.set_exception(Unavailable("the coordinator is shutting down"))
+            self._jobs.popleft().tell(None, Unavailable("the coordinator is shutting down"))
         self._changed.set()
 
     async def run(self, command: Command, needs: str | None = None) -> Any:
@@ -93,16 +118,25 @@ class Owner:
 
         `needs` names the table a command may take one new id of, so the batch reserves enough first.
         """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Job(command, future, needs))
+        return await future
+
+    def submit(self, command: Command, settle: Settle, needs: str | None = None) -> None:
+        """Apply `command` in turn; `settle(result, error)` is called once its batch has committed (or failed).
+
+        `run` without a future: the caller needs no task to wait in. `Unavailable` at once from a stopped owner.
+        """
+        self._enqueue(_Job(command, None, needs, settle))
+
+    def _enqueue(self, job: _Job) -> None:
         if self._stopped:
             raise Unavailable("this taskset's state was unloaded; try again")
-        loop = asyncio.get_running_loop()
-        self.last_used = loop.time()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.append(_Job(command, future, needs))
+        self.last_used = asyncio.get_running_loop().time()
+        self._jobs.append(job)
         arrival = self._arrival
         if arrival is not None and not arrival.done():
             arrival.set_result(None)
-        return await future
 
     @property
     def idle(self) -> bool:
@@ -170,7 +204,7 @@ class Owner:
         now = utcnow()
         fx = batch.fx
         for job in jobs:
-            if job.future.cancelled():
+            if job.abandoned:
                 continue
             try:
                 result, job_fx = job.command(self.model, now)
@@ -194,12 +228,7 @@ class Owner:
             self._fail(batch.outcomes, exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc)))
             return False
         for job, result, error in batch.outcomes:
-            if job.future.done():
-                continue
-            if error is None:
-                job.future.set_result(result)
-            else:
-                job.future.set_exception(error)
+            job.tell(result, error)
         self.listener.published(self.model, fx, batch.started)
         if fx.finished is not None:
             self.listener.taskset_finished(self.model, fx.finished)
@@ -210,8 +239,7 @@ class Owner:
     @staticmethod
     def _fail(outcomes: list[tuple[_Job, Any, BaseException | None]], error: BaseException) -> None:
         for job, _, _ in outcomes:
-            if not job.future.done():
-                job.future.set_exception(error)
+            job.tell(None, error)
 
     async def _reload(self) -> None:
         """After a failed commit the model may be ahead of the database: read it back."""

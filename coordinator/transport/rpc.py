@@ -17,7 +17,7 @@ from aiohttp import web
 
 from coordinator.core import errors as core_errors
 from coordinator.core.taskset import Wait
-from coordinator.runtime.coordinator import Coordinator, Handler
+from coordinator.runtime.coordinator import Coordinator, Handler, Submission
 from coordinator.runtime.hub import Connection
 from coordinator.transport import keys
 from protocol import codec as wire
@@ -90,6 +90,12 @@ class Dispatcher:
         self._immediate: dict[str, Callable[[Connection | None, Any], Any]] = {
             "dequeue_task": coordinator.dequeue_task_now,
         }
+        # Methods whose command can often go to its owner straight from the read loop, answered by callback.
+        self._submitters: dict[str, Callable[[Connection | None, Any], Submission | None]] = {
+            "create_trial": coordinator.create_trial_now,
+            "start_trial": coordinator.start_trial_now,
+            "finish_trial": coordinator.finish_trial_now,
+        }
 
     def answer_now(
         self,
@@ -112,6 +118,49 @@ class Dispatcher:
             return None
         self._latency[request.method].observe(time.perf_counter() - started)
         return wire.encode_result(request.id, result, codec)
+
+    def submit_now(
+        self,
+        request: wire.Request | wire.NotificationFrame,
+        codec: wire.Codec,
+        roles: frozenset[Role],
+        conn: Connection,
+        write: Callable[[bytes], None],
+    ) -> bool:
+        """Hand a call's command to its owner without a task; `write` gets the reply once it is committed.
+
+        `False` when the call takes the full path instead (`handle`, errors included): an unknown method
+        here, bad params, a taskset not loaded, or anything its handler would have to wait for or refuse.
+        """
+        prepare = self._submitters.get(request.method)
+        if prepare is None or not isinstance(request, wire.Request):
+            return False
+        started = time.perf_counter()
+        try:
+            _, params = self._resolve(request, request.id, codec, roles, conn)
+            submission = prepare(conn, params)
+        except Exception:
+            return False
+        if submission is None:
+            return False
+        owner, command, needs = submission
+        request_id = request.id
+        latency = self._latency[request.method]
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            latency.observe(time.perf_counter() - started)
+            if error is None:
+                write(wire.encode_result(request_id, result, codec))
+                return
+            failure = to_protocol_error(error, request_id)
+            self.metrics.rpc_errors.labels(str(int(failure.code))).inc()
+            write(wire.encode_error(failure, codec, request_id))
+
+        try:
+            owner.submit(command, settle, needs)
+        except core_errors.Unavailable:
+            return False
+        return True
 
     async def handle(
         self,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import WSMsgType, web
@@ -84,6 +86,42 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
         except (ConnectionError, RuntimeError):
             conn.close()
 
+    submitted = 0  # calls handed to their owner from this loop whose replies are not yet sent
+    room = asyncio.Event()  # set whenever one of this connection's calls ends
+
+    def submitted_done() -> None:
+        nonlocal submitted
+        submitted -= 1
+        room.set()
+
+    def step(sending: Coroutine[Any, Any, None]) -> None:
+        # Runs a reply's send as far as it goes now. An uncompressed frame is written at once; the send
+        # waits only when the peer has let the socket's buffer fill, and goes on when that wait ends. The
+        # call counts as in flight until then, as a task awaiting its send would.
+        try:
+            waiting_on = sending.send(None)
+        except StopIteration:
+            submitted_done()
+            return
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            submitted_done()
+            conn.close()
+            return
+        if isinstance(waiting_on, asyncio.Future):
+            # What a task does with the future its coroutine waits on: mark it taken (other sends may
+            # wait on the same drain), and go on once it is done.
+            waiting_on._asyncio_future_blocking = False
+            waiting_on.add_done_callback(lambda _: step(sending))
+        else:  # a bare yield: go on at the next turn of the loop
+            asyncio.get_running_loop().call_soon(step, sending)
+
+    def write_submitted(reply: bytes) -> None:
+        # The reply of a call submitted without a task, written from its commit's callback.
+        if conn.closed or ws.closed:
+            submitted_done()
+        else:
+            step(ws.send_frame(reply, opcode))
+
     async def answer(frame: wire.Request | wire.NotificationFrame) -> None:
         reply = await dispatcher.handle(frame, codec, conn.roles, conn)
         if reply is not None:
@@ -106,15 +144,20 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                 if reply is not None:
                     await send_reply(reply)  # answered without waiting: no task for it
                     continue
-                while len(inflight) >= MAX_INFLIGHT:
+                while len(inflight) + submitted >= MAX_INFLIGHT:
                     # Enough calls of this peer wait already: read no more of its frames until one ends.
-                    await asyncio.wait(list(inflight), return_when=asyncio.FIRST_COMPLETED)
+                    room.clear()
+                    await room.wait()
+                if dispatcher.submit_now(frame, codec, conn.roles, conn, write_submitted):
+                    submitted += 1  # answered by its commit's callback: no task for it
+                    continue
                 task = asyncio.create_task(answer(frame))
                 if frame.method in WAITING_METHODS:
                     waiting.add(task)
                     task.add_done_callback(waiting.discard)
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
+                task.add_done_callback(lambda _: room.set())
             elif msg.type is WSMsgType.PING:
                 try:
                     await ws.pong(msg.data)
@@ -134,8 +177,14 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
         # before leaving is carried out (its reply has nowhere to go, but its change counts).
         for task in list(waiting):
             task.cancel()
-        if inflight:
-            await asyncio.wait(list(inflight), timeout=FINISH_ON_CLOSE_S)
+        finish_by = asyncio.get_running_loop().time() + FINISH_ON_CLOSE_S
+        while inflight or submitted:
+            left = finish_by - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(room.wait(), left)
         for task in list(inflight):
             task.cancel()
         for task in list(inflight):

@@ -6,7 +6,14 @@ import os
 
 import pytest
 
-from worker.config import SettingsError, WorkerSettings, build_parser, normalize_coordinator_url, settings_from_args
+from worker.config import (
+    SettingsError,
+    WorkerSettings,
+    build_parser,
+    normalize_coordinator_url,
+    notices,
+    settings_from_args,
+)
 
 
 def test_flags_win_over_environment() -> None:
@@ -27,7 +34,7 @@ def test_every_flag_reads_its_environment_variable() -> None:
         "TESTFLEET_RSYNC_REMOTE_PATH": "host:/srv/code",
         "TESTFLEET_RSYNC_OPTIONS": "-z --exclude='a b'",
         "TESTFLEET_TOKEN": "sekret",
-        "TESTFLEET_SLAVE_GRACE_SEC": "2.5",
+        "TESTFLEET_WORKER_SLAVE_GRACE_SEC": "2.5",
         "TESTFLEET_WORKER_HEARTBEAT_SEC": "2",
         "TESTFLEET_LOG_LEVEL": "DEBUG",
     }
@@ -94,7 +101,7 @@ def test_help_names_each_variable() -> None:
         "TESTFLEET_COORDINATOR",
         "TESTFLEET_SLAVES",
         "TESTFLEET_RSYNC_OPTIONS",
-        "TESTFLEET_SLAVE_GRACE_SEC",
+        "TESTFLEET_WORKER_SLAVE_GRACE_SEC",
         "TESTFLEET_WORKER_HEARTBEAT_SEC",
     ):
         assert var in text
@@ -104,3 +111,14 @@ def test_settings_are_frozen() -> None:
     settings = settings_from_args(["--coordinator", "http://x"], {})
     with pytest.raises(AttributeError):
         settings.slaves = 3  # type: ignore[misc]
+
+
+def test_coordinators_grace_variable_is_not_the_workers() -> None:
+    """One environment for both processes: the coordinator's 15 s re-bind grace does not become the stop wait."""
+    env = {"TESTFLEET_COORDINATOR": "http://x", "TESTFLEET_SLAVE_GRACE_SEC": "15"}
+    assert settings_from_args([], env).slave_grace_sec == 5.0
+    (notice,) = notices(env)
+    assert "TESTFLEET_WORKER_SLAVE_GRACE_SEC" in notice
+    assert notices({**env, "TESTFLEET_WORKER_SLAVE_GRACE_SEC": "3"}) == []
+    assert settings_from_args([], {**env, "TESTFLEET_WORKER_SLAVE_GRACE_SEC": "3"}).slave_grace_sec == 3.0
+    assert notices({"TESTFLEET_COORDINATOR": "http://x"}) == []

@@ -1,0 +1,168 @@
+"""Replies of calls answered by their commit's callback (create, start and finish of trials) over /ws.
+
+They take no task each, so the paths a task used to cover are pinned here: a peer that stops reading,
+errors found when the command is applied, a commit that fails, and calls the fast path hands back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.base_protocol import BaseProtocol
+
+from coordinator.core.errors import Unavailable
+from coordinator.transport import keys
+from tests.integration.coord import RpcError, new_taskset, running_coordinator, task
+
+CALLS = 120_000
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """A client text frame, masked with the all-zero key (so the payload goes as it is)."""
+    n = len(payload)
+    header = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+    return header + bytes(4) + payload
+
+
+async def open_raw(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket on a socket that receives little at a time, so that an unread backlog fills it fast."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: testfleet.v1.json\r\n\r\n".encode()
+    )
+    status = await reader.readuntil(b"\r\n\r\n")
+    assert b" 101 " in status.split(b"\r\n", 1)[0], status
+    return reader, writer
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readexactly(2)
+    opcode, length = head[0] & 0x0F, head[1] & 0x7F
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    elif length == 127:
+        length = int.from_bytes(await reader.readexactly(8), "big")
+    return opcode, await reader.readexactly(length)
+
+
+async def test_a_peer_that_stops_reading_gets_every_reply_once_it_reads(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies to a peer whose socket is full wait for it to drain; the rest of the coordinator does not."""
+    pauses = 0
+    pause_writing = BaseProtocol.pause_writing
+
+    def counting_pause(self: BaseProtocol) -> None:
+        nonlocal pauses
+        pauses += 1
+        pause_writing(self)
+
+    monkeypatch.setattr(BaseProtocol, "pause_writing", counting_pause)
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as slave, h.client() as other:
+        ref = await new_taskset(h, [task("a.py"), task("b.py")])
+        slave_ref = await slave.call("create_slave", "s1", ref)
+        task_ref, *_ = await slave.call("dequeue_task", ref)
+        trial = await slave.call("create_trial", task_ref, slave_ref)
+        url = h.server.make_url("/")
+        reader, writer = await open_raw(url.host or "127.0.0.1", url.port or 0)
+        try:
+            # Repeats of one start: each is answered (with null) and changes nothing after the first.
+            frames = b"".join(
+                masked_text_frame(
+                    msgspec.json.encode({"jsonrpc": "2.0", "id": i, "method": "start_trial", "params": [trial]})
+                )
+                for i in range(CALLS)
+            )
+            writer.write(frames)
+            sending = asyncio.create_task(writer.drain())
+            await asyncio.sleep(1.0)
+            # The coordinator answers others while this peer reads nothing.
+            assert await asyncio.wait_for(other.call("query_taskset_status", ref), 5) == "waiting"
+            await sending
+            seen: set[Any] = set()
+            while len(seen) < CALLS:
+                opcode, payload = await asyncio.wait_for(read_frame(reader), 30)
+                assert opcode == 0x1
+                reply = msgspec.json.decode(payload)
+                assert reply["result"] is None and "error" not in reply, reply
+                assert reply["id"] not in seen
+                seen.add(reply["id"])
+            assert seen == set(range(CALLS))
+        finally:
+            writer.close()
+        assert pauses > 0, "the peer's socket never filled: the test did not reach the wait it pins"
+        assert await slave.call("finish_trial", trial, "passed", "ok", "", 1, 0, 0) is None
+        row = await h.get(f"/api/v1/trials/{trial[1]}")
+        assert row[1]["status"] == "passed" and row[1]["started_at"] is not None
+
+
+async def test_calls_the_fast_path_hands_back_get_the_full_paths_errors(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        ref = await new_taskset(h, [task("a.py")])
+        other = await new_taskset(h, [task("b.py")], rsync_name="bob")
+        s1 = await c.call("create_slave", "s1", ref)
+        s2 = await c.call("create_slave", "s2", other)
+        task_ref, *_ = await c.call("dequeue_task", ref)
+        with pytest.raises(RpcError) as wrong_slave:
+            await c.call("create_trial", task_ref, s2)  # a slave of another taskset
+        assert wrong_slave.value.code == -32602
+        with pytest.raises(RpcError) as unknown:
+            await c.call("start_trial", ["trial", 987654])
+        assert unknown.value.code == -32004
+        with pytest.raises(RpcError) as bad:
+            await c.call("finish_trial", ["trial", 1], "exploded", "", "", 0, 0, 0)
+        assert bad.value.code == -32602
+        trial = await c.call("create_trial", task_ref, s1)
+        assert await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None
+
+
+async def test_a_failed_commit_is_an_error_reply_and_the_retry_counts_once(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        ref = await new_taskset(h, [task("a.py")])
+        s1 = await c.call("create_slave", "s1", ref)
+        task_ref, *_ = await c.call("dequeue_task", ref)
+        trial = await c.call("create_trial", task_ref, s1)
+        store = h.server.app[keys.COORDINATOR].store
+        commit = store.commit
+        failures = 0
+
+        async def failing_once(writes: Any) -> None:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise Unavailable("the database went away")
+            await commit(writes)
+
+        store.commit = failing_once
+        try:
+            with pytest.raises(RpcError) as lost:
+                await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+            assert lost.value.code == -32603
+            # Retried as a peer retries: a call applied before the owner has read its state back is
+            # refused too ("try again"), then the retry commits.
+            for attempt in range(20):
+                try:
+                    assert await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None
+                    break
+                except RpcError as exc:
+                    assert exc.code == -32603 and attempt < 19
+                    await asyncio.sleep(0.05)
+        finally:
+            store.commit = commit
+        assert await c.call("query_taskset_status", ref) == "succeeded"
+        row = await h.get(f"/api/v1/trials/{trial[1]}")
+        assert row[1]["status"] == "passed"
