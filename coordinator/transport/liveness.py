@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import Final
 
 import structlog
 from aiohttp import web
+
+from coordinator.transport.eager import run_eagerly
 
 log = structlog.get_logger("testfleet.ws")
 
@@ -40,7 +43,6 @@ class Liveness:
         self.period_s = period_s
         self._peers: set[Peer] = set()
         self._task: asyncio.Task[None] | None = None
-        self._pings: set[asyncio.Task[None]] = set()
 
     def add(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> Peer:
         peer = Peer(ws, transport, asyncio.get_running_loop().time())
@@ -58,11 +60,10 @@ class Liveness:
         self._task = asyncio.create_task(self._run(), name="ws-liveness")
 
     async def stop(self) -> None:
-        for task in [self._task, *self._pings]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     @property
     def tick_s(self) -> float:
@@ -90,14 +91,10 @@ class Liveness:
                     self._cut(peer, now)
             elif now - peer.heard_at >= self.period_s - tick:
                 peer.pinged_at = now
-                task = asyncio.create_task(self._ping(peer))
-                self._pings.add(task)
-                task.add_done_callback(self._pings.discard)
+                run_eagerly(peer.ws.ping(), functools.partial(self._pinged, peer))
 
-    async def _ping(self, peer: Peer) -> None:
-        try:
-            await peer.ws.ping()
-        except (ConnectionError, RuntimeError):
+    def _pinged(self, peer: Peer, error: BaseException | None) -> None:
+        if error is not None:
             self._cut(peer, None)
 
     def _cut(self, peer: Peer, now: float | None) -> None:

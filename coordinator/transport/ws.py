@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
-from typing import Any
 
 import structlog
 from aiohttp import WSMsgType, web
 
 from coordinator.runtime.hub import Connection
 from coordinator.transport import keys
+from coordinator.transport.eager import run_eagerly
 from coordinator.transport.liveness import Liveness
 from coordinator.transport.rpc import Dispatcher, Tokens, presented_token
 from protocol import codec as wire
@@ -94,33 +93,22 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
         submitted -= 1
         room.set()
 
-    def step(sending: Coroutine[Any, Any, None]) -> None:
-        # Runs a reply's send as far as it goes now. An uncompressed frame is written at once; the send
-        # waits only when the peer has let the socket's buffer fill, and goes on when that wait ends. The
-        # call counts as in flight until then, as a task awaiting its send would.
-        try:
-            waiting_on = sending.send(None)
-        except StopIteration:
-            submitted_done()
-            return
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
-            submitted_done()
+    def reply_sent(error: BaseException | None) -> None:
+        # A call answered without a task counts as in flight until its reply is sent, as a task
+        # awaiting its send would: a peer that stops reading is read no further once MAX_INFLIGHT wait.
+        submitted_done()
+        if isinstance(error, (ConnectionError, RuntimeError, asyncio.CancelledError)):
             conn.close()
-            return
-        if isinstance(waiting_on, asyncio.Future):
-            # What a task does with the future its coroutine waits on: mark it taken (other sends may
-            # wait on the same drain), and go on once it is done.
-            waiting_on._asyncio_future_blocking = False
-            waiting_on.add_done_callback(lambda _: step(sending))
-        else:  # a bare yield: go on at the next turn of the loop
-            asyncio.get_running_loop().call_soon(step, sending)
+        elif error is not None:
+            log.error("ws_reply_failed", connection=conn.id, error=repr(error))
+            conn.close()
 
     def write_submitted(reply: bytes) -> None:
         # The reply of a call submitted without a task, written from its commit's callback.
         if conn.closed or ws.closed:
             submitted_done()
         else:
-            step(ws.send_frame(reply, opcode))
+            run_eagerly(ws.send_frame(reply, opcode), reply_sent)
 
     async def answer(frame: wire.Request | wire.NotificationFrame) -> None:
         reply = await dispatcher.handle(frame, codec, conn.roles, conn)
