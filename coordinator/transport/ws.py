@@ -86,12 +86,18 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
             conn.close()
 
     submitted = 0  # calls handed to their owner from this loop whose replies are not yet sent
-    room = asyncio.Event()  # set whenever one of this connection's calls ends
+    # Set whenever one of this connection's calls ends; made only when the read loop waits for one
+    # (an Event costs half a kilobyte, and most connections never wait).
+    room: asyncio.Event | None = None
 
     def submitted_done() -> None:
         nonlocal submitted
         submitted -= 1
-        room.set()
+        call_ended()
+
+    def call_ended() -> None:
+        if room is not None:
+            room.set()
 
     def reply_sent(error: BaseException | None) -> None:
         # A call answered without a task counts as in flight until its reply is sent, as a task
@@ -134,7 +140,7 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                     continue
                 while len(inflight) + submitted >= MAX_INFLIGHT:
                     # Enough calls of this peer wait already: read no more of its frames until one ends.
-                    room.clear()
+                    room = asyncio.Event()
                     await room.wait()
                 if dispatcher.submit_now(frame, codec, conn.roles, conn, write_submitted):
                     submitted += 1  # answered by its commit's callback: no task for it
@@ -145,7 +151,7 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
                     task.add_done_callback(waiting.discard)
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
-                task.add_done_callback(lambda _: room.set())
+                task.add_done_callback(lambda _: call_ended())
             elif msg.type is WSMsgType.PING:
                 try:
                     await ws.pong(msg.data)
@@ -170,7 +176,7 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
             left = finish_by - asyncio.get_running_loop().time()
             if left <= 0:
                 break
-            room.clear()
+            room = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(room.wait(), left)
         for task in list(inflight):
