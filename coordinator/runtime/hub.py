@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Final
@@ -21,6 +22,52 @@ class ConnectionGone(Exception):
     """The connection closed before the reply came."""
 
 
+class Outbox:
+    """A bounded first-in first-out of frames for one reader (the connection's writer).
+
+    What the writer needs of an `asyncio.Queue`, in one deque and one future: a queue holds three deques
+    and an event, about 3 KB, and every worker's connection has an outbox.
+    """
+
+    __slots__ = ("_frames", "_maxsize", "_waiter")
+
+    def __init__(self, maxsize: int) -> None:
+        self._frames: collections.deque[bytes | None] = collections.deque()
+        self._maxsize = maxsize
+        self._waiter: asyncio.Future[None] | None = None
+
+    def qsize(self) -> int:
+        return len(self._frames)
+
+    def empty(self) -> bool:
+        return not self._frames
+
+    def put_nowait(self, frame: bytes | None) -> None:
+        """Add a frame; `asyncio.QueueFull` when `maxsize` wait already."""
+        if len(self._frames) >= self._maxsize:
+            raise asyncio.QueueFull
+        self._frames.append(frame)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def get_nowait(self) -> bytes | None:
+        """The oldest frame; `asyncio.QueueEmpty` when there is none."""
+        if not self._frames:
+            raise asyncio.QueueEmpty
+        return self._frames.popleft()
+
+    async def get(self) -> bytes | None:
+        """The oldest frame, waiting for one if need be (one reader at a time)."""
+        while not self._frames:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._frames.popleft()
+
+
 class Connection:
     """One peer on /ws: what it may do, what it is bound to, and a bounded queue of frames to send it."""
 
@@ -31,7 +78,7 @@ class Connection:
         self.roles = roles
         self.codec = codec
         self._outbox_frames = outbox_frames
-        self._outbox: asyncio.Queue[bytes | None] | None = None
+        self._outbox: Outbox | None = None
         self.slave_ids: set[int] = set()
         self.taskset_ids: set[int] = set()
         self.worker_name: str | None = None
@@ -44,10 +91,10 @@ class Connection:
         self._next_request = itertools.count(1)
 
     @property
-    def outbox(self) -> asyncio.Queue[bytes | None]:
+    def outbox(self) -> Outbox:
         """Frames waiting to be sent; made on first use, since most slaves are only ever answered."""
         if self._outbox is None:
-            self._outbox = asyncio.Queue(self._outbox_frames)
+            self._outbox = Outbox(self._outbox_frames)
         return self._outbox
 
     def __repr__(self) -> str:
