@@ -433,6 +433,10 @@ def test_slaves_stop_by_themselves_when_their_worker_dies(fleet: Fleet, tmp_path
     with run_worker(fleet, tmp_path, "e2e-orphans", env={"STARTED_MARKER": str(started)}) as worker:
         taskset_id = fleet.submit("e2e-orphans", tree, ["interruptible/test_steps.py"], worker_type="e2e-orphans")
         wait_until(started.exists, 60, "the long test to start")
+        # Both slaves up, the idle one waiting for a file. One whose worker dies while it is still starting
+        # can end without finishing itself (its record is then left to the coordinator's grace): not this case.
+        wait_until(lambda: len(fleet.slaves(taskset_id)) == 2, 60, "the other slave to connect")
+        time.sleep(1)
         slaves = worker.children()
         assert slaves
         worker.process.kill()
