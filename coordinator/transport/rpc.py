@@ -6,9 +6,9 @@ import asyncio
 import hmac
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -25,6 +25,8 @@ from protocol import errors as perr
 from protocol.messages import COORDINATOR_METHODS, Role
 
 log = structlog.get_logger("testfleet.rpc")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,30 @@ class Dispatcher:
             "finish_trial": coordinator.finish_trial_now,
         }
 
+    def _without_wait(
+        self,
+        forms: Mapping[str, Callable[[Connection | None, Any], T]],
+        request: wire.Request | wire.NotificationFrame,
+        codec: wire.Codec,
+        roles: frozenset[Role],
+        conn: Connection,
+    ) -> tuple[wire.Request, T, float] | None:
+        """The request (a call, not a notification), what its method's synchronous form in `forms` makes
+        of it, and when it started.
+
+        `None` when the method has no such form here, the frame is a notification, or resolving or the
+        form raised: then `handle` takes the call, errors included.
+        """
+        form = forms.get(request.method)
+        if form is None or not isinstance(request, wire.Request):
+            return None
+        started = time.perf_counter()
+        try:
+            _, params = self._resolve(request, request.id, codec, roles, conn)
+            return request, form(conn, params), started
+        except Exception:
+            return None
+
     def answer_now(
         self,
         request: wire.Request | wire.NotificationFrame,
@@ -105,19 +131,12 @@ class Dispatcher:
         conn: Connection,
     ) -> bytes | None:
         """The reply to a call that needs no wait, or `None`: then `handle` answers it, errors included."""
-        immediate = self._immediate.get(request.method)
-        if immediate is None or not isinstance(request, wire.Request):
+        outcome = self._without_wait(self._immediate, request, codec, roles, conn)
+        if outcome is None or isinstance(outcome[1], Wait):
             return None
-        started = time.perf_counter()
-        try:
-            _, params = self._resolve(request, request.id, codec, roles, conn)
-            result = immediate(conn, params)
-        except Exception:
-            return None
-        if isinstance(result, Wait):
-            return None
-        self._latency[request.method].observe(time.perf_counter() - started)
-        return wire.encode_result(request.id, result, codec)
+        call, result, started = outcome
+        self._latency[call.method].observe(time.perf_counter() - started)
+        return wire.encode_result(call.id, result, codec)
 
     def submit_now(
         self,
@@ -132,20 +151,15 @@ class Dispatcher:
         `False` when the call takes the full path instead (`handle`, errors included): an unknown method
         here, bad params, a taskset not loaded, or anything its handler would have to wait for or refuse.
         """
-        prepare = self._submitters.get(request.method)
-        if prepare is None or not isinstance(request, wire.Request):
+        outcome = self._without_wait(self._submitters, request, codec, roles, conn)
+        if outcome is None:
             return False
-        started = time.perf_counter()
-        try:
-            _, params = self._resolve(request, request.id, codec, roles, conn)
-            submission = prepare(conn, params)
-        except Exception:
-            return False
+        call, submission, started = outcome
         if submission is None:
             return False
         owner, command, needs = submission
-        request_id = request.id
-        latency = self._latency[request.method]
+        request_id = call.id
+        latency = self._latency[call.method]
 
         def settle(result: Any, error: BaseException | None) -> None:
             latency.observe(time.perf_counter() - started)

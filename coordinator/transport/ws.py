@@ -103,10 +103,9 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
         # A call answered without a task counts as in flight until its reply is sent, as a task
         # awaiting its send would: a peer that stops reading is read no further once MAX_INFLIGHT wait.
         submitted_done()
-        if isinstance(error, (ConnectionError, RuntimeError, asyncio.CancelledError)):
-            conn.close()
-        elif error is not None:
-            log.error("ws_reply_failed", connection=conn.id, error=repr(error))
+        if error is not None:
+            if not isinstance(error, (ConnectionError, RuntimeError, asyncio.CancelledError)):
+                log.error("ws_reply_failed", connection=conn.id, error=repr(error))
             conn.close()
 
     def write_submitted(reply: bytes) -> None:
@@ -171,9 +170,9 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
         # before leaving is carried out (its reply has nowhere to go, but its change counts).
         for task in list(waiting):
             task.cancel()
-        finish_by = asyncio.get_running_loop().time() + FINISH_ON_CLOSE_S
+        finish_by = clock() + FINISH_ON_CLOSE_S
         while inflight or submitted:
-            left = finish_by - asyncio.get_running_loop().time()
+            left = finish_by - clock()
             if left <= 0:
                 break
             room = asyncio.Event()
