@@ -430,18 +430,18 @@ def test_slaves_stop_by_themselves_when_their_worker_dies(fleet: Fleet, tmp_path
     tree = copy_suites(tmp_path, "interruptible")
     fleet.upload("e2e-orphans", tree)
     started = tmp_path / "started"
-    with run_worker(fleet, tmp_path, "e2e-orphans", env={"STARTED_MARKER": str(started)}) as worker:
+    env = {"STARTED_MARKER": str(started), "TAKES_SEC": "5"}
+    with run_worker(fleet, tmp_path, "e2e-orphans", env=env) as worker:
         taskset_id = fleet.submit("e2e-orphans", tree, ["interruptible/test_steps.py"], worker_type="e2e-orphans")
         wait_until(started.exists, 60, "the long test to start")
-        # Both slaves up, the idle one waiting for a file. One whose worker dies while it is still starting
-        # can end without finishing itself (its record is then left to the coordinator's grace): not this case.
+        # Both slaves up, the idle one waiting for a file, while the long test still runs (5 s).
         wait_until(lambda: len(fleet.slaves(taskset_id)) == 2, 60, "the other slave to connect")
-        time.sleep(1)
+        time.sleep(0.5)
         slaves = worker.children()
         assert slaves
         worker.process.kill()
         worker.process.wait()
-        # Within the poll period the slaves notice; the running test ends (2 s) and its file goes back.
+        # Within the poll period the slaves notice; the running test ends and its file goes back.
         wait_until(lambda: not worker.children(), 20, "the orphaned slaves to end")
     task = fleet.tasks(taskset_id)["interruptible/test_steps.py"]
     assert task["status"] is None  # back in the queue, not failed

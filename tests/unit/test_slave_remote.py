@@ -25,10 +25,13 @@ from worker.slave import __main__ as slave_main
 from worker.slave.environment import (
     SlaveEnv,
     SlaveEnvError,
+    drain,
+    hold_pipes,
     pipe_identities,
     process_alive,
     silence_pipes,
     slave_env,
+    start_time_of,
 )
 from worker.slave.remote import INTERRUPTED_NOTE, START_REPORT_DELAY_S, RemoteSource, fit_outputs
 from worker.slave.source import FileResult, FileTask
@@ -119,6 +122,18 @@ def test_process_alive_tells_a_gone_process() -> None:
     assert not process_alive(child.pid, None)
 
 
+def test_process_alive_tells_a_zombie_is_gone() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = start_time_of(child.pid)
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # ended, not reaped
+    try:
+        assert start is not None
+        assert not process_alive(child.pid, start)
+        assert not process_alive(child.pid, None)
+    finally:
+        child.wait()
+
+
 def test_process_alive_tells_a_reused_pid_by_its_start_time() -> None:
     assert not process_alive(os.getpid(), b"0")
 
@@ -140,6 +155,50 @@ def test_silenced_pipes_take_writes_once_their_reader_is_gone() -> None:
     finally:
         for fd in (write_end, copy, other_read, other_write):
             os.close(fd)
+
+
+def test_a_held_pipe_takes_writes_once_its_reader_is_gone_and_is_drained() -> None:
+    read_end, write_end = os.pipe()
+    held = hold_pipes(write_end, write_end, 0)  # one reader per pipe; not a pipe: none
+    try:
+        assert len(held) == 1
+        os.close(read_end)
+        assert os.write(write_end, b"x" * 4096) == 4096  # no EPIPE: the slave itself still reads it
+        assert drain(held[0])  # emptied; a writer is left
+        assert silence_pipes(pipe_identities(write_end), keep=held) == 1  # the writer, not the reader
+        assert os.write(write_end, b"into /dev/null") == 14
+        assert not drain(held[0])  # no writer left: end of file
+    finally:
+        for fd in (*held, write_end):
+            os.close(fd)
+
+
+def test_a_process_holding_its_output_pipe_outlives_its_reader() -> None:
+    """What a slave writes between its worker's death and its noticing must not end it with EPIPE."""
+    script = (
+        "import sys, time\n"
+        "from worker.slave.environment import hold_pipes\n"
+        "held = hold_pipes(1, 2) if sys.argv[1] == 'hold' else []\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"  # until the reader is gone
+        "for _ in range(20):\n"
+        "    print('a line of a test report', flush=True)\n"
+    )
+    codes = {}
+    for mode in ("hold", "no-hold"):
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"ready\n"
+        child.stdout.close()
+        child.stdin.close()
+        codes[mode] = child.wait(30)
+    assert codes == {"hold": 0, "no-hold": 1}  # without it: BrokenPipeError
 
 
 # -- a scripted coordinator -----------------------------------------------------------------
@@ -455,6 +514,27 @@ def test_a_gone_worker_stops_the_slave_as_sigterm_would(
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+def test_a_file_dequeued_after_the_worker_died_goes_back_untried(
+    coordinator: ScriptedCoordinator, script: Script, tmp_path: Path
+) -> None:
+    """A sibling's give-back can queue a file while this slave's dequeue waits and its watcher has not looked yet."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        source = source_for(coordinator, tmp_path, worker_pid=sleeper.pid)
+        sleeper.kill()
+        sleeper.wait()
+        script.tasks = [dequeued(11, "test_a.py")]
+        assert source.next_task() is None  # whether or not the watcher noticed first
+        source.close(SlaveStatus.NORMAL_EXIT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert coordinator.calls("create_trial") == []
+    assert coordinator.calls("reversed_enqueue_task") == [("reversed_enqueue_task", [["task", 11]])]
+    assert coordinator.calls()[-1] == ("finish_slave", [["slave", 5], "normal_exit"])
 
 
 # -- python -m worker.slave ---------------------------------------------------------------

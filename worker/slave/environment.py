@@ -9,7 +9,7 @@ import contextlib
 import os
 import socket
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -85,11 +85,44 @@ def pipe_identities(*fds: int) -> set[tuple[int, int]]:
     return identities
 
 
-def silence_pipes(identities: set[tuple[int, int]]) -> int:
+def hold_pipes(*fds: int) -> list[int]:
+    """A read end of each distinct pipe among `fds`, opened through /proc/self/fd (Linux), non-blocking.
+
+    A pipe with a reader never fails a write with EPIPE. While the worker lives the slave never reads
+    these, so the worker gets all of its output; once the worker is gone, what the slave wrote before it
+    noticed waits in the pipe (up to the pipe's buffer) until `drain` discards it, instead of failing
+    whatever wrote it: pytest's report of the test that just ended, or a log line. Without /proc: none.
+    """
+    readers: list[int] = []
+    seen: set[tuple[int, int]] = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            info = os.fstat(fd)
+            if not stat.S_ISFIFO(info.st_mode) or (info.st_dev, info.st_ino) in seen:
+                continue
+            readers.append(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            seen.add((info.st_dev, info.st_ino))
+    return readers
+
+
+def drain(fd: int) -> bool:
+    """Read and drop what waits in the non-blocking pipe `fd`; `False` once no writer is left (EOF)."""
+    try:
+        while os.read(fd, 65536):
+            pass
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def silence_pipes(identities: set[tuple[int, int]], keep: Collection[int] = ()) -> int:
     """Point every descriptor of this process open on one of the pipes `identities` at /dev/null; how many.
 
-    Once the worker that read the slave's output is gone, writes to its pipe fail (EPIPE), and pytest
-    holds copies of the descriptors (capture saves them): all of them must stop failing.
+    Once the worker that read the slave's output is gone, nothing reads its pipe, and pytest holds copies
+    of the descriptors (capture saves them): all of them must write elsewhere. `keep` (the read ends of
+    `hold_pipes`) stay as they are.
     """
     if not identities:
         return 0
@@ -100,7 +133,7 @@ def silence_pipes(identities: set[tuple[int, int]]) -> int:
             fd = int(name)
             with contextlib.suppress(OSError):
                 info = os.fstat(fd)
-                if fd != devnull and (info.st_dev, info.st_ino) in identities:
+                if fd != devnull and fd not in keep and (info.st_dev, info.st_ino) in identities:
                     os.dup2(devnull, fd, inheritable=os.get_inheritable(fd))
                     silenced += 1
     finally:
@@ -108,22 +141,32 @@ def silence_pipes(identities: set[tuple[int, int]]) -> int:
     return silenced
 
 
-def start_time_of(pid: int) -> bytes | None:
-    """The start time of `pid` from /proc (to tell it from a later process with the same pid), if known."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/`pid`/stat after the command name (state first), if readable."""
     try:
         line = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
-    fields = line.rpartition(b")")[2].split()
-    return fields[19] if len(fields) > 19 else None
+    return line.rpartition(b")")[2].split()
+
+
+def start_time_of(pid: int) -> bytes | None:
+    """The start time of `pid` from /proc (to tell it from a later process with the same pid), if known."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def process_alive(pid: int, start_time: bytes | None) -> bool:
-    """Whether `pid` still names the process whose start time was `start_time`."""
+    """Whether `pid` still names the process whose start time was `start_time` (a zombie is gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
-    return start_time is None or start_time_of(pid) in (start_time, None)
+    fields = _stat_fields(pid)
+    if fields is None:
+        return True  # no /proc: the signal check is all there is
+    if fields and fields[0] in (b"Z", b"X"):
+        return False
+    return start_time is None or len(fields) <= 19 or fields[19] == start_time

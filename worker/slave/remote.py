@@ -35,7 +35,10 @@ is closed.
   is caught here: the slave then takes no file and ends normally.
 - When the worker that started the slave is gone (`TESTFLEET_WORKER_PID` no longer names it),
   the slave stops as on SIGTERM, its output pipes pointed at /dev/null first (nobody reads them
-  any more, and a write to them would fail); if it has not ended `ORPHAN_EXIT_S` later, it exits.
+  any more); if it has not ended `ORPHAN_EXIT_S` later, it exits. The slave holds a read end of
+  its own output pipe from its start (never read while the worker lives), so what it writes
+  between the worker's end and its noticing waits in the pipe rather than failing with EPIPE
+  and ending pytest (`hold_pipes`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ from protocol.types import SlaveRef, SlaveStatus, TaskRef, TasksetRef, TrialRef,
 from worker.slave.environment import (
     SlaveEnv,
     SlaveEnvError,
+    drain,
+    hold_pipes,
     pipe_identities,
     process_alive,
     silence_pipes,
@@ -192,10 +197,11 @@ class RemoteSource:
         self._state_path = Path(env.state_file) if env.state_file else None
         self._main_ident = threading.main_thread().ident
         self._output_pipes = pipe_identities(1, 2)
+        self._pipe_readers = hold_pipes(1, 2) if env.worker_pid is not None else []
         self._worker_start_time = start_time_of(env.worker_pid) if env.worker_pid is not None else None
         if env.worker_pid is not None and not process_alive(env.worker_pid, self._worker_start_time):
-            # Orphaned before it began: pytest's first lines would already fail on the worker's pipe.
-            silence_pipes(self._output_pipes)
+            # Orphaned before it began: pytest's first lines would otherwise go to a pipe nobody reads.
+            self._discard_output()
         # Touched only on the loop's thread.
         self._peer: Peer | None = None
         self._slave: SlaveRef | None = None
@@ -385,6 +391,11 @@ class RemoteSource:
                     return None
                 task_id = dequeued.task_ref.id
                 self._leased[task_id] = dequeued.task_ref
+                if self._worker_lost():
+                    # Its worker died while the dequeue waited (a sibling's give-back may have just queued
+                    # this file): the file goes back untried when the slave closes, not to a slave that stops.
+                    self._log.info("task_not_started", task_id=task_id, reason="worker gone")
+                    return None
                 if task_id in self._tried and self.env.num_slaves > 1 and task_id not in self._returned:
                     # Every queued task was tried here: leave this one to a slave that has not tried it.
                     self._returned.add(task_id)
@@ -394,6 +405,11 @@ class RemoteSource:
                 return FileTask(task_id, dequeued.spec_path, dequeued.hard_timeout_sec, dequeued.soft_timeout_sec)
         finally:
             self._dequeuing = None
+
+    def _worker_lost(self) -> bool:
+        """The worker is gone (the watcher may not have noticed yet: it polls)."""
+        pid = self.env.worker_pid
+        return self.worker_gone.is_set() or (pid is not None and not process_alive(pid, self._worker_start_time))
 
     async def _return_lease(self, task_id: int, timeout: float | None = None) -> None:
         ref = self._leased.pop(task_id, None)
@@ -497,6 +513,18 @@ class RemoteSource:
         finally:
             await peer.close()
 
+    def _discard_output(self) -> None:
+        """Point the output pipes at /dev/null and drop what waits in them (see `hold_pipes`)."""
+        silence_pipes(self._output_pipes, keep=self._pipe_readers)
+        for fd in self._pipe_readers:
+            drain(fd)
+
+    def _drop_output(self, fd: int) -> None:
+        if not drain(fd):
+            self._loop.remove_reader(fd)
+            os.close(fd)
+            self._pipe_readers.remove(fd)
+
     def _write_state(self, state: dict[str, Any]) -> None:
         """Tell the worker what runs now, atomically (it polls the file to enforce hard timeouts)."""
         if self._state_path is None:
@@ -516,8 +544,11 @@ class RemoteSource:
             await asyncio.sleep(WORKER_POLL_S)
         self._log.warning("worker_gone", worker_pid=pid)
         self.worker_gone.set()
-        # Nobody reads the slave's output any more: writing it must not fail the give-back.
-        silence_pipes(self._output_pipes)
+        # Nobody reads the slave's output any more: writing it must not fail or block the give-back.
+        self._discard_output()
+        for fd in self._pipe_readers:
+            # What the files' own processes still write to the pipe is dropped as it comes.
+            self._loop.add_reader(fd, self._drop_output, fd)
         if self._main_ident is not None:
             signal.pthread_kill(self._main_ident, signal.SIGTERM)
         await asyncio.sleep(ORPHAN_EXIT_S)
