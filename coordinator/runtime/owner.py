@@ -82,6 +82,10 @@ class _Batch:
         self.outcomes: list[tuple[_Job, Any, BaseException | None]] = []
 
 
+def _unloaded() -> Unavailable:
+    return Unavailable("this taskset's state was unloaded; try again")
+
+
 class Owner:
     """Owns one `TasksetModel`: commands run one after another, each batch committed before any reply."""
 
@@ -110,7 +114,7 @@ class Owner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         while self._jobs:
-            self._jobs.popleft().tell(None, Unavailable("the coordinator is shutting down"))
+            self._jobs.popleft().tell(None, _unloaded())
         self._changed.set()
 
     async def run(self, command: Command, needs: str | None = None) -> Any:
@@ -131,7 +135,7 @@ class Owner:
 
     def _enqueue(self, job: _Job) -> None:
         if self._stopped:
-            raise Unavailable("this taskset's state was unloaded; try again")
+            raise _unloaded()
         self.last_used = asyncio.get_running_loop().time()
         self._jobs.append(job)
         arrival = self._arrival
@@ -160,6 +164,7 @@ class Owner:
         a command waits for at most the rest of one commit and then its own.
         """
         committing: asyncio.Task[bool] | None = None
+        batch: _Batch | None = None
         try:
             while True:
                 batch = _Batch(time.perf_counter())
@@ -184,6 +189,9 @@ class Owner:
                 committing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await committing
+            if batch is not None:
+                # Applied, never committed (told already if it was): its callers must not wait forever.
+                self._fail(batch.outcomes, _unloaded())
 
     def _take(self, most: int) -> list[_Job]:
         """Up to `most` queued jobs, without waiting."""
@@ -198,8 +206,11 @@ class Owner:
         for table, count in needs.items():
             try:
                 await self.store.ensure_ids(table, count)
-            except Unavailable as exc:
-                self._fail([(job, None, None) for job in jobs], exc)
+            except (Unavailable, asyncio.CancelledError) as exc:
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                self._fail([(job, None, None) for job in jobs], _unloaded() if cancelled else exc)
+                if cancelled:
+                    raise
                 return
         now = utcnow()
         fx = batch.fx
@@ -223,6 +234,9 @@ class Owner:
         fx = batch.fx
         try:
             await self.store.commit(fx.writes)
+        except asyncio.CancelledError:
+            self._fail(batch.outcomes, _unloaded())
+            raise
         except Exception as exc:
             log.error("commit_failed", taskset_id=self.model.id, error=str(exc))
             self._fail(batch.outcomes, exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc)))

@@ -166,3 +166,41 @@ async def test_a_failed_commit_is_an_error_reply_and_the_retry_counts_once(datab
         assert await c.call("query_taskset_status", ref) == "succeeded"
         row = await h.get(f"/api/v1/trials/{trial[1]}")
         assert row[1]["status"] == "passed"
+
+
+async def test_calls_caught_in_an_unload_are_answered_and_the_retry_commits(database_url: str, tmp_path: Path) -> None:
+    """An owner stopped (evicted, or the coordinator stopping) while a batch commits and the next one waits."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        ref = await new_taskset(h, [task("a.py")])
+        s1 = await c.call("create_slave", "s1", ref)
+        task_ref, *_ = await c.call("dequeue_task", ref)
+        trial = await c.call("create_trial", task_ref, s1)
+        coordinator = h.server.app[keys.COORDINATOR]
+        store = coordinator.store
+        commit = store.commit
+        entered = asyncio.Event()
+
+        async def stuck(writes: Any) -> None:
+            entered.set()
+            await asyncio.Event().wait()
+
+        store.commit = stuck
+        try:
+            committing = asyncio.ensure_future(c.call("finish_trial", trial, "passed", "", "", 1, 0, 0))
+            await asyncio.wait_for(entered.wait(), 10)
+            waiting = asyncio.ensure_future(c.call("current_trial", s1, trial))  # applied, behind that commit
+            await asyncio.sleep(0.2)
+            assert not committing.done() and not waiting.done()
+            owner = coordinator.owners.pop(ref[1])
+            await owner.stop()
+            for call in (committing, waiting):
+                with pytest.raises(RpcError) as refused:
+                    await asyncio.wait_for(call, 10)
+                assert refused.value.code == -32603
+                assert "try again" in refused.value.message
+        finally:
+            store.commit = commit
+        assert await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None  # reloaded from the database
+        assert await c.call("query_taskset_status", ref) == "succeeded"
+        row = await h.get(f"/api/v1/trials/{trial[1]}")
+        assert row[1]["status"] == "passed"
