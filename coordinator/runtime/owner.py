@@ -98,6 +98,8 @@ class Owner:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._stale = False
+        """The model may be ahead of the database (a commit failed) until `_reload` reads it back."""
         self.last_used = asyncio.get_running_loop().time()
 
     @property
@@ -168,9 +170,15 @@ class Owner:
         try:
             while True:
                 batch = _Batch(time.perf_counter())
-                while not self._jobs:
+                while not self._jobs and not self._stale:
                     self._arrival = asyncio.get_running_loop().create_future()
                     await self._arrival
+                if self._stale:
+                    # The last commit failed while nothing else was applied: the state is read back at
+                    # once, before anyone reads it or a peer's retry of a refused call is applied to it.
+                    committing = None
+                    await self._reload()
+                    continue
                 await self._apply(batch, self._take(BATCH))
                 if committing is not None and not await committing:
                     # The previous batch did not commit: this one was built on its state.
@@ -239,6 +247,10 @@ class Owner:
             raise
         except Exception as exc:
             log.error("commit_failed", taskset_id=self.model.id, error=str(exc))
+            self._stale = True
+            arrival = self._arrival
+            if arrival is not None and not arrival.done():
+                arrival.set_result(None)
             self._fail(batch.outcomes, exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc)))
             return False
         for job, result, error in batch.outcomes:
@@ -266,5 +278,8 @@ class Owner:
             if fresh is not None:
                 fresh.leases.clear()
                 self.model.__dict__.update(fresh.__dict__)
+            self._stale = False
             self._wake()
             return
+        log.error("reload_failed", taskset_id=self.model.id)
+        self._stale = False  # go on with the model as it is: the next commit fails or succeeds on its own
