@@ -108,13 +108,22 @@ class Owner:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"taskset-owner-{self.model.id}")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The loop ended: stopped, or (a bug) by an exception; either way no queued call waits forever."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("owner_failed", taskset_id=self.model.id, error=repr(task.exception()))
+        self._stopped = True
+        while self._jobs:
+            self._jobs.popleft().tell(None, _unloaded())
+        self._changed.set()
 
     async def stop(self) -> None:
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
         while self._jobs:
             self._jobs.popleft().tell(None, _unloaded())
         self._changed.set()
@@ -175,7 +184,8 @@ class Owner:
                     await self._arrival
                 if self._stale:
                     # The last commit failed while nothing else was applied: the state is read back at
-                    # once, before anyone reads it or a peer's retry of a refused call is applied to it.
+                    # once, and a peer's retry of a refused call is applied only to what was read back
+                    # (reads and leases meanwhile see the model as it was; see `_reload`).
                     committing = None
                     await self._reload()
                     continue
@@ -195,8 +205,7 @@ class Owner:
         finally:
             if committing is not None:
                 committing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await committing
+                await asyncio.gather(committing, return_exceptions=True)
             if batch is not None:
                 # Applied, never committed (told already if it was): its callers must not wait forever.
                 self._fail(batch.outcomes, _unloaded())
@@ -255,9 +264,13 @@ class Owner:
             return False
         for job, result, error in batch.outcomes:
             job.tell(result, error)
-        self.listener.published(self.model, fx, batch.started)
-        if fx.finished is not None:
-            self.listener.taskset_finished(self.model, fx.finished)
+        try:
+            self.listener.published(self.model, fx, batch.started)
+            if fx.finished is not None:
+                self.listener.taskset_finished(self.model, fx.finished)
+        except Exception:
+            # Committed and answered: a listener's failure must not end the owner's loop.
+            log.exception("publish_failed", taskset_id=self.model.id)
         if fx.woke or fx.finished is not None:
             self._wake()
         return True
@@ -272,7 +285,9 @@ class Owner:
         for attempt in range(50):
             try:
                 fresh = await self.store.load_taskset(self.model.id)
-            except Unavailable:
+            except Exception as exc:
+                if not isinstance(exc, Unavailable):
+                    log.exception("reload_attempt_failed", taskset_id=self.model.id)
                 await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
                 continue
             if fresh is not None:

@@ -137,8 +137,10 @@ async def test_a_failed_commit_is_an_error_reply_and_the_retry_counts_once(datab
         task_ref, *_ = await c.call("dequeue_task", ref)
         trial = await c.call("create_trial", task_ref, s1)
         store = h.server.app[keys.COORDINATOR].store
-        commit = store.commit
+        commit, load = store.commit, store.load_taskset
         failures = 0
+        loading = asyncio.Event()
+        go_on = asyncio.Event()
 
         async def failing_once(writes: Any) -> None:
             nonlocal failures
@@ -147,25 +149,57 @@ async def test_a_failed_commit_is_an_error_reply_and_the_retry_counts_once(datab
                 raise Unavailable("the database went away")
             await commit(writes)
 
-        store.commit = failing_once
-        before = await c.call("query_taskset_status", ref)
+        async def slow_load(taskset_id: int) -> Any:
+            loading.set()
+            await go_on.wait()
+            return await load(taskset_id)
+
+        store.commit, store.load_taskset = failing_once, slow_load
         try:
             with pytest.raises(RpcError) as lost:
                 await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
             assert lost.value.code == -32603
-            # The owner reads its state back at once: its view stops showing the change that was lost.
-            for _ in range(100):
-                if await c.call("query_taskset_status", ref) == before:
-                    break
-                await asyncio.sleep(0.05)
-            assert await c.call("query_taskset_status", ref) == before
-            # Retried at once, as a peer retries: the owner reads its state back before it applies the retry.
-            assert await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None
+            # Retried at once, as a peer retries, while the owner still reads its state back: the retry
+            # waits for that, then commits (applied to the stale state, it would be refused in turn).
+            retry = asyncio.ensure_future(c.call("finish_trial", trial, "passed", "", "", 1, 0, 0))
+            await asyncio.wait_for(loading.wait(), 10)
+            await asyncio.sleep(0.2)
+            assert not retry.done()
+            go_on.set()
+            assert await asyncio.wait_for(retry, 10) is None
         finally:
-            store.commit = commit
+            store.commit, store.load_taskset = commit, load
+            go_on.set()
         assert await c.call("query_taskset_status", ref) == "succeeded"
         row = await h.get(f"/api/v1/trials/{trial[1]}")
         assert row[1]["status"] == "passed"
+
+
+async def test_after_a_failed_commit_the_owner_reads_its_state_back_at_once(database_url: str, tmp_path: Path) -> None:
+    """Not when the next call comes: until then its view would show the change that was lost."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        ref = await new_taskset(h, [task("a.py")])
+        s1 = await c.call("create_slave", "s1", ref)
+        task_ref, *_ = await c.call("dequeue_task", ref)
+        trial = await c.call("create_trial", task_ref, s1)
+        store = h.server.app[keys.COORDINATOR].store
+        commit = store.commit
+
+        async def failing(writes: Any) -> None:
+            raise Unavailable("the database went away")
+
+        before = await c.call("query_taskset_status", ref)
+        store.commit = failing
+        try:
+            with pytest.raises(RpcError):
+                await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+        finally:
+            store.commit = commit
+        for _ in range(100):
+            if await c.call("query_taskset_status", ref) == before:
+                break
+            await asyncio.sleep(0.05)
+        assert await c.call("query_taskset_status", ref) == before  # not "succeeded"
 
 
 async def test_calls_caught_in_an_unload_are_answered_and_the_retry_commits(database_url: str, tmp_path: Path) -> None:

@@ -159,7 +159,9 @@ def test_silenced_pipes_take_writes_once_their_reader_is_gone() -> None:
 
 def test_a_held_pipe_takes_writes_once_its_reader_is_gone_and_is_drained() -> None:
     read_end, write_end = os.pipe()
-    held = hold_pipes(write_end, write_end, 0)  # one reader per pipe; not a pipe: none
+    not_a_pipe = os.open(os.devnull, os.O_WRONLY)
+    held = hold_pipes(write_end, write_end, not_a_pipe)  # one reader per pipe; not a pipe: none
+    os.close(not_a_pipe)
     try:
         assert len(held) == 1
         os.close(read_end)
@@ -534,6 +536,52 @@ def test_a_file_dequeued_after_the_worker_died_goes_back_untried(
         signal.signal(signal.SIGTERM, previous)
     assert coordinator.calls("create_trial") == []
     assert coordinator.calls("reversed_enqueue_task") == [("reversed_enqueue_task", [["task", 11]])]
+    assert coordinator.calls()[-1] == ("finish_slave", [["slave", 5], "normal_exit"])
+
+
+ORPHAN_WRITER = """
+import os, signal, sys, time
+from protocol.types import SlaveStatus
+from worker.slave.environment import SlaveEnv
+from worker.slave.remote import RemoteSource
+terms = []
+signal.signal(signal.SIGTERM, lambda signum, frame: terms.append(signum))
+source = RemoteSource(SlaveEnv(sys.argv[1], 3, "w-t3-s0-g0", worker_pid=int(sys.argv[2])))
+print("ready", flush=True)
+sys.stdin.read()  # until the worker is gone
+sys.stdout.write("x" * 160_000)  # more than the pipe holds, before and after the slave notices
+sys.stdout.flush()
+deadline = time.monotonic() + 10
+while not terms and time.monotonic() < deadline:
+    time.sleep(0.05)
+source.close(SlaveStatus.NORMAL_EXIT)
+os._exit(0 if terms else 3)
+"""
+
+
+def test_an_orphaned_slave_writing_more_than_its_pipe_holds_stops(coordinator: ScriptedCoordinator) -> None:
+    """Its stdout and stderr one pipe, as the worker makes it: the watch must empty it before it logs."""
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    slave = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_WRITER, coordinator.url, str(worker.pid)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    try:
+        assert slave.stdout is not None and slave.stdin is not None
+        assert slave.stdout.readline() == b"ready\n"
+        worker.kill()
+        worker.wait()
+        slave.stdout.close()
+        slave.stdin.close()
+        assert slave.wait(30) == 0
+    finally:
+        for process in (worker, slave):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     assert coordinator.calls()[-1] == ("finish_slave", [["slave", 5], "normal_exit"])
 
 

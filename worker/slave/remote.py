@@ -35,10 +35,11 @@ is closed.
   is caught here: the slave then takes no file and ends normally.
 - When the worker that started the slave is gone (`TESTFLEET_WORKER_PID` no longer names it),
   the slave stops as on SIGTERM, its output pipes pointed at /dev/null first (nobody reads them
-  any more); if it has not ended `ORPHAN_EXIT_S` later, it exits. The slave holds a read end of
-  its own output pipe from its start (never read while the worker lives), so what it writes
-  between the worker's end and its noticing waits in the pipe rather than failing with EPIPE
-  and ending pytest (`hold_pipes`).
+  any more); if it has not begun to close `ORPHAN_EXIT_S` later, it exits. The slave holds a
+  read end of its own output pipe from its start (never read while the worker lives), so what it
+  writes between the worker's end and its noticing waits in the pipe rather than failing with
+  EPIPE and ending pytest (`hold_pipes`). The watch runs in a thread of its own, which empties
+  the pipe from then on: the other threads may be blocked writing to it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType
@@ -87,6 +89,8 @@ CONNECT_TIMEOUT_S: Final = 60.0
 STOP_CALL_S: Final = 10.0
 """Bound on each coordinator call made while the slave stops (give back, finish_slave, close)."""
 WORKER_POLL_S: Final = 0.2
+DRAIN_S: Final = 0.05
+"""Once the worker is gone, how often the held output pipe is emptied (what the files' processes write)."""
 WAIT_SLICE_S: Final = 1.0
 START_REPORT_DELAY_S: Final = 0.02
 """A file still running this long after its trial was created reports `current_trial` and `start_trial`;
@@ -211,7 +215,6 @@ class RemoteSource:
         self._returned: set[int] = set()
         self._tail: asyncio.Task[Any] | None = None
         self._dequeuing: asyncio.Task[Any] | None = None
-        self._watcher: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[Any] | None = None
         self._start_report: asyncio.TimerHandle | None = None
         # Shared between threads.
@@ -224,6 +227,13 @@ class RemoteSource:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="testfleet-coordinator", daemon=True)
         self._thread.start()
+        if env.worker_pid is not None:
+            threading.Thread(
+                target=self._watch_worker,
+                args=(env.worker_pid, self._worker_start_time),
+                name="testfleet-worker-watch",
+                daemon=True,
+            ).start()
         self._connected = self._submit(self._connect())
 
     # -- the TaskSource interface (any thread but the loop's) ---------------------------
@@ -354,9 +364,6 @@ class RemoteSource:
             call_timeout=None,
             connect_timeout=CONNECT_TIMEOUT_S,
         )
-        if self.env.worker_pid is not None:
-            watch = self._watch_worker(self.env.worker_pid, self._worker_start_time)
-            self._watcher = asyncio.create_task(watch, name="worker-watch")
         await self._peer.start()
         assert self._slave is not None
         self._log.info("slave_connected", slave_id=self._slave.id)
@@ -481,8 +488,6 @@ class RemoteSource:
             await self._return_lease(task.task_id, STOP_CALL_S)
 
     async def _close(self, status: SlaveStatus) -> None:
-        if self._watcher is not None and self._watcher is not asyncio.current_task():
-            self._watcher.cancel()
         if self._start_report is not None:
             self._start_report.cancel()
             self._start_report = None
@@ -516,14 +521,18 @@ class RemoteSource:
     def _discard_output(self) -> None:
         """Point the output pipes at /dev/null and drop what waits in them (see `hold_pipes`)."""
         silence_pipes(self._output_pipes, keep=self._pipe_readers)
-        for fd in self._pipe_readers:
-            drain(fd)
+        self._drain_held()
 
-    def _drop_output(self, fd: int) -> None:
-        if not drain(fd):
-            self._loop.remove_reader(fd)
-            os.close(fd)
+    def _drain_held(self) -> None:
+        """Drop what waits in the held pipes; let go of those with no writer left, or no longer ours."""
+        for fd in list(self._pipe_readers):
+            identity = pipe_identities(fd)
+            ours = bool(identity) and identity <= self._output_pipes
+            if ours and drain(fd):
+                continue
             self._pipe_readers.remove(fd)
+            if ours:
+                os.close(fd)
 
     def _write_state(self, state: dict[str, Any]) -> None:
         """Tell the worker what runs now, atomically (it polls the file to enforce hard timeouts)."""
@@ -536,22 +545,26 @@ class RemoteSource:
         except OSError as exc:
             self._log.warning("state_file_not_written", path=str(self._state_path), error=repr(exc))
 
-    async def _watch_worker(self, pid: int, start_time: bytes | None) -> None:
-        """Stop the slave as on SIGTERM once its worker is gone; exit if it has not stopped a while later."""
-        while True:
-            if not process_alive(pid, start_time):
-                break
-            await asyncio.sleep(WORKER_POLL_S)
-        self._log.warning("worker_gone", worker_pid=pid)
+    def _watch_worker(self, pid: int, start_time: bytes | None) -> None:
+        """(Its own thread.) Stop the slave as on SIGTERM once its worker is gone; exit if it has not begun
+        to close `ORPHAN_EXIT_S` later.
+
+        Not on the loop: once nobody reads the output pipe, the other threads may block writing to it
+        (it is held, `hold_pipes`), and this thread drains it. It writes nothing before the pipe is silenced.
+        """
+        while process_alive(pid, start_time):
+            time.sleep(WORKER_POLL_S)
         self.worker_gone.set()
         # Nobody reads the slave's output any more: writing it must not fail or block the give-back.
         self._discard_output()
-        for fd in self._pipe_readers:
-            # What the files' own processes still write to the pipe is dropped as it comes.
-            self._loop.add_reader(fd, self._drop_output, fd)
-        if self._main_ident is not None:
+        self._log.warning("worker_gone", worker_pid=pid)
+        if self._main_ident is not None and not self._closing.is_set():
             signal.pthread_kill(self._main_ident, signal.SIGTERM)
-        await asyncio.sleep(ORPHAN_EXIT_S)
+        exit_at = time.monotonic() + ORPHAN_EXIT_S
+        while self._closing.is_set() or time.monotonic() < exit_at:
+            # What the files' own processes still write to the pipe is dropped as it comes.
+            time.sleep(DRAIN_S)
+            self._drain_held()
         self._log.error("slave_orphaned_exit", after_s=ORPHAN_EXIT_S)
         os._exit(ORPHAN_EXIT_CODE)
 
