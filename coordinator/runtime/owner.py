@@ -291,7 +291,16 @@ class Owner:
                 await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
                 continue
             if fresh is not None:
-                fresh.leases.clear()
+                # Leases are not in the database: those still held are kept, and their tasks stay out of
+                # the queue, so that a slave about to create its trial does not see its file leased again.
+                fresh.leases = {
+                    task_id: holder
+                    for task_id, holder in self.model.leases.items()
+                    if task_id in fresh.tasks
+                    and fresh.tasks[task_id].status is None
+                    and not fresh.tasks[task_id].running
+                }
+                fresh.fill_queue()
                 self.model.__dict__.update(fresh.__dict__)
             self._stale = False
             self._wake()

@@ -238,3 +238,42 @@ async def test_calls_caught_in_an_unload_are_answered_and_the_retry_commits(data
         assert await c.call("query_taskset_status", ref) == "succeeded"
         row = await h.get(f"/api/v1/trials/{trial[1]}")
         assert row[1]["status"] == "passed"
+
+
+async def test_a_lease_held_across_a_failed_commit_stays_its_holders(database_url: str, tmp_path: Path) -> None:
+    """Leases are not in the database: reading the state back after a failed commit keeps those still held."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c1, h.client() as c2:
+        ref = await new_taskset(h, [task("a.py"), task("b.py")])
+        s1 = await c1.call("create_slave", "s1", ref)
+        s2 = await c2.call("create_slave", "s2", ref)
+        leased, *_ = await c1.call("dequeue_task", ref)  # held by s1, its trial not created yet
+        other, *_ = await c2.call("dequeue_task", ref)
+        trial = await c2.call("create_trial", other, s2)
+        store = h.server.app[keys.COORDINATOR].store
+        commit, load = store.commit, store.load_taskset
+        reloaded = asyncio.Event()
+
+        async def failing(writes: Any) -> None:
+            raise Unavailable("the database went away")
+
+        async def load_and_tell(taskset_id: int) -> Any:
+            try:
+                return await load(taskset_id)
+            finally:
+                reloaded.set()
+
+        store.commit, store.load_taskset = failing, load_and_tell
+        try:
+            with pytest.raises(RpcError):
+                await c2.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+            await asyncio.wait_for(reloaded.wait(), 10)
+        finally:
+            store.commit, store.load_taskset = commit, load
+        await asyncio.sleep(0.1)  # the read-back applied
+        # s1's file is not handed out again, and s2's has a trial still open: nothing to dequeue.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(c2.call("dequeue_task", ref), 1.0)
+        assert await c2.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None
+        mine = await c1.call("create_trial", leased, s1)
+        assert await c1.call("finish_trial", mine, "passed", "", "", 1, 0, 0) is None
+        assert await c1.call("query_taskset_status", ref) == "succeeded"
