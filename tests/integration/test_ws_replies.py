@@ -19,7 +19,7 @@ from aiohttp.base_protocol import BaseProtocol
 
 from coordinator.core.errors import Unavailable
 from coordinator.transport import keys
-from tests.integration.coord import RpcError, new_taskset, running_coordinator, task
+from tests.integration.coord import Client, Harness, RpcError, new_taskset, running_coordinator, task
 
 CALLS = 120_000
 
@@ -130,12 +130,17 @@ async def test_calls_the_fast_path_hands_back_get_the_full_paths_errors(database
         assert await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None
 
 
+async def one_trial(h: Harness, c: Client) -> tuple[Any, Any, Any]:
+    """A taskset of one file, a slave, and the slave's trial of that file: (taskset, slave, trial) refs."""
+    ref = await new_taskset(h, [task("a.py")])
+    s1 = await c.call("create_slave", "s1", ref)
+    task_ref, *_ = await c.call("dequeue_task", ref)
+    return ref, s1, await c.call("create_trial", task_ref, s1)
+
+
 async def test_a_failed_commit_is_an_error_reply_and_the_retry_counts_once(database_url: str, tmp_path: Path) -> None:
     async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
-        ref = await new_taskset(h, [task("a.py")])
-        s1 = await c.call("create_slave", "s1", ref)
-        task_ref, *_ = await c.call("dequeue_task", ref)
-        trial = await c.call("create_trial", task_ref, s1)
+        ref, _, trial = await one_trial(h, c)
         store = h.server.app[keys.COORDINATOR].store
         commit, load = store.commit, store.load_taskset
         failures = 0
@@ -178,10 +183,7 @@ async def test_a_failed_commit_is_an_error_reply_and_the_retry_counts_once(datab
 async def test_after_a_failed_commit_the_owner_reads_its_state_back_at_once(database_url: str, tmp_path: Path) -> None:
     """Not when the next call comes: until then its view would show the change that was lost."""
     async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
-        ref = await new_taskset(h, [task("a.py")])
-        s1 = await c.call("create_slave", "s1", ref)
-        task_ref, *_ = await c.call("dequeue_task", ref)
-        trial = await c.call("create_trial", task_ref, s1)
+        ref, _, trial = await one_trial(h, c)
         store = h.server.app[keys.COORDINATOR].store
         commit = store.commit
 
@@ -205,10 +207,7 @@ async def test_after_a_failed_commit_the_owner_reads_its_state_back_at_once(data
 async def test_calls_caught_in_an_unload_are_answered_and_the_retry_commits(database_url: str, tmp_path: Path) -> None:
     """An owner stopped (evicted, or the coordinator stopping) while a batch commits and the next one waits."""
     async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
-        ref = await new_taskset(h, [task("a.py")])
-        s1 = await c.call("create_slave", "s1", ref)
-        task_ref, *_ = await c.call("dequeue_task", ref)
-        trial = await c.call("create_trial", task_ref, s1)
+        ref, s1, trial = await one_trial(h, c)
         coordinator = h.server.app[keys.COORDINATOR]
         store = coordinator.store
         commit = store.commit

@@ -496,21 +496,14 @@ def test_a_sigterm_before_the_first_file_ends_the_slave_without_one(
     assert coordinator.calls()[-1] == ("finish_slave", [["slave", 5], "normal_exit"])
 
 
-def test_a_gone_worker_stops_the_slave_as_sigterm_would(
-    coordinator: ScriptedCoordinator, script: Script, tmp_path: Path
-) -> None:
+@pytest.fixture
+def worker_stand_in() -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
+    """A process to be the slave's worker, and the SIGTERMs this process receives meanwhile (its stop signal)."""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     received: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
-        source = source_for(coordinator, tmp_path, worker_pid=sleeper.pid)
-        assert source.next_task() is None
-        assert not source.worker_gone.is_set()
-        sleeper.kill()
-        sleeper.wait()
-        assert source.worker_gone.wait(10)
-        wait_for(lambda: received == [signal.SIGTERM])
-        source.close(SlaveStatus.NORMAL_EXIT)
+        yield sleeper, received
     finally:
         signal.signal(signal.SIGTERM, previous)
         if sleeper.poll() is None:
@@ -518,22 +511,34 @@ def test_a_gone_worker_stops_the_slave_as_sigterm_would(
             sleeper.wait()
 
 
+def test_a_gone_worker_stops_the_slave_as_sigterm_would(
+    coordinator: ScriptedCoordinator, tmp_path: Path, worker_stand_in: tuple[subprocess.Popen[bytes], list[int]]
+) -> None:
+    sleeper, received = worker_stand_in
+    source = source_for(coordinator, tmp_path, worker_pid=sleeper.pid)
+    assert source.next_task() is None
+    assert not source.worker_gone.is_set()
+    sleeper.kill()
+    sleeper.wait()
+    assert source.worker_gone.wait(10)
+    wait_for(lambda: received == [signal.SIGTERM])
+    source.close(SlaveStatus.NORMAL_EXIT)
+
+
 def test_a_file_dequeued_after_the_worker_died_goes_back_untried(
-    coordinator: ScriptedCoordinator, script: Script, tmp_path: Path
+    coordinator: ScriptedCoordinator,
+    script: Script,
+    tmp_path: Path,
+    worker_stand_in: tuple[subprocess.Popen[bytes], list[int]],
 ) -> None:
     """A sibling's give-back can queue a file while this slave's dequeue waits and its watcher has not looked yet."""
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    received: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-    try:
-        source = source_for(coordinator, tmp_path, worker_pid=sleeper.pid)
-        sleeper.kill()
-        sleeper.wait()
-        script.tasks = [dequeued(11, "test_a.py")]
-        assert source.next_task() is None  # whether or not the watcher noticed first
-        source.close(SlaveStatus.NORMAL_EXIT)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    sleeper, _ = worker_stand_in
+    source = source_for(coordinator, tmp_path, worker_pid=sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    script.tasks = [dequeued(11, "test_a.py")]
+    assert source.next_task() is None  # whether or not the watcher noticed first
+    source.close(SlaveStatus.NORMAL_EXIT)
     assert coordinator.calls("create_trial") == []
     assert coordinator.calls("reversed_enqueue_task") == [("reversed_enqueue_task", [["task", 11]])]
     assert coordinator.calls()[-1] == ("finish_slave", [["slave", 5], "normal_exit"])
