@@ -114,16 +114,18 @@ class Owner:
         """The loop ended: stopped, or (a bug) by an exception; either way no queued call waits forever."""
         if not task.cancelled() and task.exception() is not None:
             log.error("owner_failed", taskset_id=self.model.id, error=repr(task.exception()))
-        self._stopped = True
-        while self._jobs:
-            self._jobs.popleft().tell(None, _unloaded())
-        self._changed.set()
+        self._refuse_queued()
 
     async def stop(self) -> None:
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._refuse_queued()
+
+    def _refuse_queued(self) -> None:
+        """No more calls are applied: those queued are told to try again."""
+        self._stopped = True
         while self._jobs:
             self._jobs.popleft().tell(None, _unloaded())
         self._changed.set()
@@ -149,6 +151,10 @@ class Owner:
             raise _unloaded()
         self.last_used = asyncio.get_running_loop().time()
         self._jobs.append(job)
+        self._poke()
+
+    def _poke(self) -> None:
+        """Wake the loop if it waits for work."""
         arrival = self._arrival
         if arrival is not None and not arrival.done():
             arrival.set_result(None)
@@ -257,9 +263,7 @@ class Owner:
         except Exception as exc:
             log.error("commit_failed", taskset_id=self.model.id, error=str(exc))
             self._stale = True
-            arrival = self._arrival
-            if arrival is not None and not arrival.done():
-                arrival.set_result(None)
+            self._poke()
             self._fail(batch.outcomes, exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc)))
             return False
         for job, result, error in batch.outcomes:
@@ -293,13 +297,8 @@ class Owner:
             if fresh is not None:
                 # Leases are not in the database: those still held are kept, and their tasks stay out of
                 # the queue, so that a slave about to create its trial does not see its file leased again.
-                fresh.leases = {
-                    task_id: holder
-                    for task_id, holder in self.model.leases.items()
-                    if task_id in fresh.tasks
-                    and fresh.tasks[task_id].status is None
-                    and not fresh.tasks[task_id].running
-                }
+                waiting = {task.id for task in fresh.tasks.values() if task.status is None and not task.running}
+                fresh.leases = {tid: holder for tid, holder in self.model.leases.items() if tid in waiting}
                 fresh.fill_queue()
                 self.model.__dict__.update(fresh.__dict__)
             self._stale = False

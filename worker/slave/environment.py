@@ -96,12 +96,12 @@ def hold_pipes(*fds: int) -> list[int]:
     readers: list[int] = []
     seen: set[tuple[int, int]] = set()
     for fd in fds:
+        identity = pipe_identities(fd)
+        if not identity or identity <= seen:
+            continue
         with contextlib.suppress(OSError):
-            info = os.fstat(fd)
-            if not stat.S_ISFIFO(info.st_mode) or (info.st_dev, info.st_ino) in seen:
-                continue
             readers.append(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-            seen.add((info.st_dev, info.st_ino))
+            seen |= identity
     return readers
 
 

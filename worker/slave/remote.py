@@ -203,7 +203,9 @@ class RemoteSource:
         self._output_pipes = pipe_identities(1, 2)
         self._pipe_readers = hold_pipes(1, 2) if env.worker_pid is not None else []
         self._worker_start_time = start_time_of(env.worker_pid) if env.worker_pid is not None else None
-        if env.worker_pid is not None and not process_alive(env.worker_pid, self._worker_start_time):
+        self.worker_gone = threading.Event()
+        """Set once the worker named by TESTFLEET_WORKER_PID is gone."""
+        if self._worker_lost():
             # Orphaned before it began: pytest's first lines would otherwise go to a pipe nobody reads.
             self._discard_output()
         # Touched only on the loop's thread.
@@ -222,8 +224,6 @@ class RemoteSource:
         self._stop_requested = threading.Event()
         self._early_sigterm: Callable[[int, FrameType | None], None] | None = None
         self._catch_early_sigterm()
-        self.worker_gone = threading.Event()
-        """Set once the worker named by TESTFLEET_WORKER_PID is gone."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="testfleet-coordinator", daemon=True)
         self._thread.start()
