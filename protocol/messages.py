@@ -11,6 +11,7 @@ from protocol.types import (
     Command,
     Count,
     Name,
+    Sha1,
     SlaveHash,
     SlaveRef,
     SlaveStatus,
@@ -48,14 +49,14 @@ class ListenToTasksetParams(Params, frozen=True):
 
 class QuerySpecAverageSecParams(Params, frozen=True):
     taskset_class: Name
-    spec_sha1: Annotated[str, Meta(max_length=128)]
+    spec_sha1: Sha1
 
 
 class QuerySpecAverageSecsParams(Params, frozen=True):
     """Addition to the seed: a batch of `query_spec_average_sec`."""
 
     taskset_class: Name
-    spec_sha1s: Annotated[list[Annotated[str, Meta(max_length=128)]], Meta(max_length=100_000)]
+    spec_sha1s: Annotated[list[Sha1], Meta(max_length=100_000)]
 
 
 class CreateTasksetParams(Params, frozen=True):

@@ -23,8 +23,11 @@ Timestamp = Annotated[
         examples=["2026-11-28T05:31:55.123456Z"],
     ),
 ]
-Name = Annotated[str, Meta(min_length=1, max_length=255)]
-Command = Annotated[str, Meta(max_length=65536)]
+# The store's text cannot hold a NUL character: names, commands and hashes with one are invalid params.
+WITHOUT_NUL: Final = r"^[^\x00]*$"
+Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=WITHOUT_NUL)]
+Command = Annotated[str, Meta(max_length=65536, pattern=WITHOUT_NUL)]
+Sha1 = Annotated[str, Meta(max_length=128, pattern=WITHOUT_NUL)]
 
 
 class TasksetStatus(enum.StrEnum):
@@ -93,7 +96,7 @@ class Task(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """`[spec_path, spec_sha1, hard_timeout_sec, soft_timeout_sec]`."""
 
     spec_path: Annotated[str, Meta(min_length=1, max_length=4096)]
-    spec_sha1: Annotated[str, Meta(max_length=128)]
+    spec_sha1: Sha1
     hard_timeout_sec: TimeoutSec
     soft_timeout_sec: TimeoutSec
 

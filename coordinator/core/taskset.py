@@ -43,6 +43,13 @@ DEFAULT_OUTPUT_LIMIT: Final = 4 * 1024 * 1024
 WORKER_LOG_TIMES: Final = ("rsync_finished_at", "setup_finished_at", "rspec_finished_at", "finished_at")
 
 
+def storable_output(text: str, limit: int = DEFAULT_OUTPUT_LIMIT) -> str:
+    """Output as the store keeps it: NUL characters (which its text cannot hold) as U+FFFD, cut to `limit`."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    return truncate_output(text, limit)
+
+
 def truncate_output(text: str, limit: int = DEFAULT_OUTPUT_LIMIT) -> str:
     """`text` cut to `limit` UTF-8 bytes, the rest replaced by a line saying how much was cut."""
     if len(text) * 4 <= limit:
@@ -438,8 +445,8 @@ class TasksetModel:
         trial.status = status
         trial.finished_at = now
         self.open_trials.discard(trial_id)
-        stdout = truncate_output(stdout, self.output_limit)
-        stderr = truncate_output(stderr, self.output_limit)
+        stdout = storable_output(stdout, self.output_limit)
+        stderr = storable_output(stderr, self.output_limit)
         fx.writes.append(Write("finish_trial", (trial_id, status.value, stdout, stderr, *counts, now)))
         task = self.tasks[trial.task_id]
         if status in (TrialStatus.PASSED, TrialStatus.PENDING) and trial.started_at is not None:
@@ -519,10 +526,8 @@ class TasksetModel:
         room = self.output_limit - log.log_bytes
         if room <= 0 or not text:
             return fx
-        size = len(text.encode("utf-8", "replace"))
-        if size > room:
-            text = truncate_output(text, room)
-            size = room
+        text = storable_output(text, room)
+        size = min(room, len(text.encode("utf-8", "replace")))
         log.log_bytes += size
         fx.writes.append(Write("append_worker_log", (log_id, text)))
         fx.notes.append(WorkerLogUpdated(format_timestamp(now), WorkerLogRef(log_id), WorkerLogHash(log_appended=text)))

@@ -140,6 +140,27 @@ async def test_every_outcome_matches_plain_pytest(
     assert ours == theirs
 
 
+async def test_a_test_printing_nul_bytes_gets_its_verdict(
+    serve: Serve, worker: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    """Binary output (NUL bytes, which the store's text cannot hold) is stored with U+FFFD in their place;
+    the trial's result is not refused over and over."""
+    project = tmp_path / "binary"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "test_binary.py").write_text(
+        "import os\n\n\ndef test_writes_binary():\n"
+        "    print('before\\x00after')\n    os.write(1, b'raw\\x00bytes\\n')\n    assert False\n"
+    )
+    (project / "test_fine.py").write_text("def test_fine():\n    print('\\x00')\n")
+    run = await asyncio.to_thread(
+        run_cli, "run", "--max-trials", "1", "--progress", "plain", cwd=project, env=env_for(serve), timeout=90
+    )
+    assert run.returncode == 1, run.stderr
+    assert "2 files (1 passed, 0 pending, 1 failed)" in run.stdout, run.stdout
+    assert "before\ufffdafter" in run.stdout, run.stdout
+
+
 async def test_passing_suite_exits_0_and_history_orders_the_next_run(
     serve: Serve, worker: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:

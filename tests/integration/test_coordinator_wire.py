@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -204,3 +205,46 @@ async def test_bundles_round_trip(database_url: str, tmp_path: Path) -> None:
         bad = h.server.make_url("/api/v1/bundles/..evil%2F..")
         async with h.session.put(bad, data=b"x", headers={"Authorization": "Bearer c"}) as resp:
             assert resp.status in (400, 404)
+
+
+async def test_nul_characters_are_kept_out_of_the_store(database_url: str, tmp_path: Path) -> None:
+    """Output with NUL (a test printing binary data) is stored with U+FFFD in its place; a NUL in a name,
+    command or sha1 is invalid params. Either way the call is answered at once and nothing else fails."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        ref = await new_taskset(h, [task("a.py"), task("b.py")])
+        slave = await c.call("create_slave", "s1", ref)
+        task_ref, *_ = await c.call("dequeue_task", ref)
+        trial = await c.call("create_trial", task_ref, slave)
+        other_ref, *_ = await c.call("dequeue_task", ref)
+        other = await c.call("create_trial", other_ref, slave)
+        # Sent together, so that they are likely to share a commit: the NUL must not fail its neighbour.
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                c.call("finish_trial", trial, "passed", "out\x00put", "\x00err", 1, 0, 0),
+                c.call("finish_trial", other, "failed", "fine", "", 0, 0, 1),
+            ),
+            10,
+        )
+        assert results == [None, None]
+        _, stored = await h.get(f"/api/v1/trials/{trial[1]}")
+        assert stored["status"] == "passed"
+        assert (stored["stdout"], stored["stderr"]) == ("out\ufffdput", "\ufffderr")
+        _, stored_other = await h.get(f"/api/v1/trials/{other[1]}")
+        assert (stored_other["status"], stored_other["stdout"]) == ("failed", "fine")
+        log_ref = await c.call("create_worker_log", "w1", ref)
+        assert await c.call("append_worker_log_log", log_ref, "rsync\x00done\n") is None
+        _, body = await h.get(f"/api/v1/tasksets/{ref[1]}/worker_logs")
+        assert body["worker_logs"][0]["log"] == "rsync\ufffddone\n"
+        refused = [
+            ("create_slave", "s\x002", ref),
+            ("create_worker_log", "w\x00", ref),
+            ("create_taskset", "nul", "true\x00", "testfleet slave", "default", "proj", 1, 1, [task("c.py")]),
+            ("create_taskset", "nul", "true", "testfleet slave", "default", "proj", 1, 1, [["c.py", "s\x00", 60, 30]]),
+            ("query_spec_average_sec", "proj", "sha\x00"),
+        ]
+        for method, *params in refused:
+            with pytest.raises(RpcError) as refusal:
+                await c.call(method, *params)
+            assert refusal.value.code == -32602, method
+            assert "x00" in str(refusal.value), refusal.value
+        assert await c.call("query_taskset_status", ref) == "running"

@@ -10,7 +10,15 @@ import pytest
 from coordinator.core.dispatch import Assignment, Opening, plan_assignments
 from coordinator.core.errors import IllegalTransition, InvalidArgument
 from coordinator.core.states import Verdict, decide_task, taskset_verdict, transition
-from coordinator.core.taskset import WAIT, SlaveState, TasksetModel, TaskState, check_tasks, truncate_output
+from coordinator.core.taskset import (
+    WAIT,
+    SlaveState,
+    TasksetModel,
+    TaskState,
+    check_tasks,
+    storable_output,
+    truncate_output,
+)
 from protocol.messages import DequeuedTask, TasksetUpdated, TaskUpdated
 from protocol.types import SlaveStatus, TasksetStatus, TaskStatus, TrialStatus
 
@@ -204,6 +212,14 @@ def test_truncate_output() -> None:
     assert truncate_output("short", 10) == "short"
     cut = truncate_output("x" * 100, 10)
     assert cut.startswith("x" * 10) and "[testfleet: 90 bytes truncated]" in cut
+
+
+def test_storable_output_replaces_nul_before_it_counts_the_limit() -> None:
+    assert storable_output("a\x00b\x00", 100) == "a\ufffdb\ufffd"
+    assert storable_output("plain", 100) == "plain"
+    # U+FFFD takes three bytes: the limit counts what is stored, not what came.
+    cut = storable_output("\x00" * 10, 9)
+    assert cut.startswith("\ufffd" * 3) and "\x00" not in cut and "[testfleet: 21 bytes truncated]" in cut
 
 
 @pytest.mark.parametrize(
