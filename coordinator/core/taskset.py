@@ -40,6 +40,9 @@ from protocol.types import (
 )
 
 DEFAULT_OUTPUT_LIMIT: Final = 4 * 1024 * 1024
+# The store indexes spec paths with the taskset class (up to 255 characters): an index entry holds at most
+# 2,704 bytes, so a path may take 1,024.
+MAX_SPEC_PATH_BYTES: Final = 1024
 WORKER_LOG_TIMES: Final = ("rsync_finished_at", "setup_finished_at", "rspec_finished_at", "finished_at")
 
 
@@ -640,9 +643,11 @@ def expected_duration(history_s: float | None, path_history_s: float | None, sof
 
 
 def check_tasks(spec_paths: Iterable[str], timeouts: Iterable[tuple[int, int]]) -> None:
-    """`InvalidArgument` for a duplicate, absolute or escaping spec path, or soft > hard."""
+    """`InvalidArgument` for a duplicate, absolute, escaping or too long spec path, or soft > hard."""
     seen: set[str] = set()
     for path, (hard, soft) in zip(spec_paths, timeouts, strict=True):
+        if len(path) * 4 > MAX_SPEC_PATH_BYTES and len(path.encode()) > MAX_SPEC_PATH_BYTES:
+            raise InvalidArgument(f"spec_path {path[:80]!r}... is longer than {MAX_SPEC_PATH_BYTES} bytes")
         if path.startswith("/") or "\\" in path or "\x00" in path:
             raise InvalidArgument(f"spec_path {path!r} must be a relative path inside the tree")
         parts = path.split("/")

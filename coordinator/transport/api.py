@@ -104,7 +104,7 @@ def viewer(view: View) -> View:
 
 def _id(request: web.Request, name: str = "id") -> int | None:
     text = request.match_info[name]
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # other scripts' digits are digits to `isdigit` too
         return None
     value = int(text)
     return value if 1 <= value <= MAX_ID else None

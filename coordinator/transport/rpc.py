@@ -243,10 +243,17 @@ async def rpc_view(request: web.Request) -> web.StreamResponse:
     limit = wire.MAX_FRAME_BYTES
     if request.content_length is not None and request.content_length > limit:
         return web.json_response({"error": f"the body exceeds {limit} bytes"}, status=413)
+    received = bytearray()
     try:
-        body = await request.content.read(limit + 1)
+        # `read(n)` returns what has arrived, up to n bytes: read on to the end (or just past the limit).
+        while len(received) <= limit:
+            chunk = await request.content.read(limit + 1 - len(received))
+            if not chunk:
+                break
+            received += chunk
     except aiohttp.ClientPayloadError:
         return web.json_response({"error": "the body could not be read"}, status=400)
+    body = bytes(received)
     if len(body) > limit:
         return web.json_response({"error": f"the body exceeds {limit} bytes"}, status=413)
     roles = tokens.roles_for(presented_token(request))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import msgspec
 import pytest
+from yarl import URL
 
 from coordinator.transport.rpc import Tokens
 from tests.integration.coord import RpcError, new_taskset, running_coordinator, task
@@ -170,6 +173,9 @@ async def test_read_api_and_errors(database_url: str, tmp_path: Path) -> None:
             "/api/v1/tasksets/999/worker_logs",
             "/api/v1/trials/999",
             "/api/v1/trials/99999999999999999999999",
+            "/api/v1/tasksets/%C2%B2",  # a superscript two: a digit to `str.isdigit`, not to `int`
+            "/api/v1/tasksets/%D9%A3/tasks",  # another script's three
+            "/api/v1/trials/%C2%B2",
         ):
             status, body = await h.get(path)
             assert status == 404 and "error" in body, path
@@ -205,6 +211,74 @@ async def test_bundles_round_trip(database_url: str, tmp_path: Path) -> None:
         bad = h.server.make_url("/api/v1/bundles/..evil%2F..")
         async with h.session.put(bad, data=b"x", headers={"Authorization": "Bearer c"}) as resp:
             assert resp.status in (400, 404)
+        for name in ("abc%0A", "abc%0D"):
+            async with h.session.put(
+                URL(f"{h.url}/api/v1/bundles/{name}", encoded=True),
+                data=b"x",
+                headers={"Authorization": "Bearer c"},
+            ) as resp:
+                assert resp.status in (400, 404), name
+        # The longest rsync_name the protocol allows has files a file system can name.
+        for name in ("a" * 255, "a" * 254 + "b"):
+            url = h.server.make_url(f"/api/v1/bundles/{name}")
+            async with h.session.put(url, data=name.encode(), headers={"Authorization": "Bearer c"}) as resp:
+                assert resp.status == 200, await resp.text()
+        for name in ("a" * 255, "a" * 254 + "b"):
+            async with h.session.get(
+                h.server.make_url(f"/api/v1/bundles/{name}"), headers={"Authorization": "Bearer w"}
+            ) as resp:
+                assert resp.status == 200 and await resp.read() == name.encode()
+
+
+async def test_rpc_reads_a_large_body_to_its_end(database_url: str, tmp_path: Path) -> None:
+    """A body that arrives in many pieces is read whole; one over the frame limit is refused, sized or not."""
+    async with running_coordinator(database_url, tmp_path) as h:
+        tasks = [task(f"tests/unit/test_module_number_{i}.py") for i in range(20_000)]
+        body = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "create_taskset",
+                "params": ["big", "", "", "default", "p", 1, 1, tasks],
+            }
+        ).encode()
+        assert len(body) > 1_000_000
+        headers = {"Content-Type": "application/json"}
+        async with h.session.post(h.server.make_url("/rpc"), data=io.BytesIO(body), headers=headers) as resp:
+            assert resp.status == 200
+            reply = await resp.json()
+        assert reply["result"][0] == "taskset", reply
+        assert await h.call("query_taskset_summary", reply["result"]) is not None
+
+        async def chunks(total: int) -> AsyncIterator[bytes]:
+            for _ in range(total // 65536):
+                yield b" " * 65536
+
+        url = h.server.make_url("/rpc")
+        async with h.session.post(url, data=chunks(9 * 1024 * 1024), headers=headers) as resp:
+            assert resp.status == 413
+
+
+async def test_a_spec_path_is_at_most_1024_bytes(database_url: str, tmp_path: Path) -> None:
+    """The longest path allowed, with the longest taskset class, fits the store's indexes through a passed
+    trial (which writes a history sample keyed by both); one byte more is invalid params."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        klass = "\U0001f600" * 255  # four bytes each
+        longest = "d/" * 300 + "x" * (1024 - 600 - 3) + ".py"
+        assert len(longest.encode()) == 1024
+        for path in ("x" * 1022 + ".py", "\u00e9" * 511 + ".py"):
+            with pytest.raises(RpcError) as refusal:
+                await h.call("create_taskset", "long", "", "", "default", klass, 1, 1, [task(path, "s")])
+            assert refusal.value.code == -32602 and "1024 bytes" in str(refusal.value)
+        ref = await h.call("create_taskset", "long", "", "", "default", klass, 1, 1, [task(longest, "s")])
+        await h.call("dispatch_taskset", ref)
+        slave = await c.call("create_slave", "s1", ref)
+        task_ref, path, *_ = await c.call("dequeue_task", ref)
+        assert path == longest
+        trial = await c.call("create_trial", task_ref, slave)
+        await c.call("start_trial", trial)
+        assert await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None
+        assert await c.call("query_taskset_status", ref) == "succeeded"
 
 
 async def test_nul_characters_are_kept_out_of_the_store(database_url: str, tmp_path: Path) -> None:
