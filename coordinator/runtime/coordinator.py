@@ -352,6 +352,9 @@ class Coordinator:
             result = self._lease(owner, conn)
             if not isinstance(result, Wait):
                 return result
+            if owner.finish_uncommitted:
+                await owner.finish_settled()
+                continue
             wait = owner.model.next_straggler_check(utcnow())
             await owner.changed(self.settings.dequeue_poll_s if wait is None else min(wait + 0.01, 5.0))
 
@@ -369,6 +372,8 @@ class Coordinator:
         slave_id = next((sid for sid in conn.slave_ids if sid in owner.model.slaves), None)
         owner.last_used = asyncio.get_running_loop().time()
         result = owner.model.dequeue(conn.id, slave_id, utcnow())
+        if result is None and owner.finish_uncommitted:
+            return WAIT  # a slave told "finished" goes away: not before the finish is committed
         if result is not None and not isinstance(result, Wait):
             self.metrics.leases.inc()
         return result
@@ -391,10 +396,12 @@ class Coordinator:
 
     async def query_taskset_status(self, conn: Connection | None, p: m.TasksetRefParams) -> TasksetStatus:
         owner = await self._owner_of(p.taskset_ref)
+        await owner.finish_settled()  # a finished status is final: never one that may not commit
         return owner.model.status
 
     async def query_taskset_summary(self, conn: Connection | None, p: m.TasksetRefParams) -> m.TasksetSummary:
         owner = await self._owner_of(p.taskset_ref)
+        await owner.finish_settled()
         model = owner.model
         c = model.counts()
         return m.TasksetSummary(

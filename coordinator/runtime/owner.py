@@ -100,6 +100,8 @@ class Owner:
         self._stopped = False
         self._stale = False
         """The model may be ahead of the database (a commit failed) until `_reload` reads it back."""
+        self._finishing: asyncio.Future[None] | None = None
+        """Set while the model's finished status is not yet committed (done once it is, or read back)."""
         self.last_used = asyncio.get_running_loop().time()
 
     @property
@@ -128,7 +130,24 @@ class Owner:
         self._stopped = True
         while self._jobs:
             self._jobs.popleft().tell(None, _unloaded())
+        self._settle_finish()
         self._changed.set()
+
+    @property
+    def finish_uncommitted(self) -> bool:
+        """The model says the taskset is finished, and that is not committed yet."""
+        return self._finishing is not None
+
+    async def finish_settled(self) -> None:
+        """Once the model's finish is committed (or, if its commit failed, the state is read back)."""
+        finishing = self._finishing
+        if finishing is not None:
+            await asyncio.shield(finishing)
+
+    def _settle_finish(self) -> None:
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None and not finishing.done():
+            finishing.set_result(None)
 
     async def run(self, command: Command, needs: str | None = None) -> Any:
         """Apply `command` in turn and return its result once its writes are committed.
@@ -251,6 +270,9 @@ class Owner:
                 continue
             fx.extend(job_fx)
             batch.outcomes.append((job, result, None))
+        if fx.finished is not None and self._finishing is None:
+            # Answers that say the taskset is finished wait for this (see `finish_settled`).
+            self._finishing = asyncio.get_running_loop().create_future()
 
     async def _commit(self, batch: _Batch) -> bool:
         """Commit, then reply, then notify; `False` (after failing its jobs) when the commit failed."""
@@ -268,6 +290,8 @@ class Owner:
             return False
         for job, result, error in batch.outcomes:
             job.tell(result, error)
+        if fx.finished is not None:
+            self._settle_finish()
         try:
             self.listener.published(self.model, fx, batch.started)
             if fx.finished is not None:
@@ -302,7 +326,9 @@ class Owner:
                 fresh.fill_queue()
                 self.model.__dict__.update(fresh.__dict__)
             self._stale = False
+            self._settle_finish()
             self._wake()
             return
         log.error("reload_failed", taskset_id=self.model.id)
         self._stale = False  # go on with the model as it is: the next commit fails or succeeds on its own
+        self._settle_finish()

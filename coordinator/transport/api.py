@@ -119,6 +119,7 @@ async def _taskset_record(coordinator: Coordinator, taskset_id: int) -> dict[str
     owner = await coordinator.owner(taskset_id)
     if owner is None:
         return None
+    await owner.finish_settled()  # a finished status is final: never one that may not commit
     model = owner.model
     body = {name: _value(getattr(model, name)) for name in TASKSET_FIELDS}
     body.update(model.counts())

@@ -276,3 +276,48 @@ async def test_a_lease_held_across_a_failed_commit_stays_its_holders(database_ur
         mine = await c1.call("create_trial", leased, s1)
         assert await c1.call("finish_trial", mine, "passed", "", "", 1, 0, 0) is None
         assert await c1.call("query_taskset_status", ref) == "succeeded"
+
+
+async def test_a_finish_is_not_reported_before_it_is_committed(database_url: str, tmp_path: Path) -> None:
+    """While the commit that finishes a taskset is under way, answers that would say "finished" (the status,
+    the summary, the read API, a slave's `null` from `dequeue_task`) wait for it; if it fails, they give
+    the state read back, and a slave is not sent away from a taskset that is not over."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c, h.client() as other:
+        ref, _, trial = await one_trial(h, c)
+        store = h.server.app[keys.COORDINATOR].store
+        commit = store.commit
+        entered = asyncio.Event()
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def held(writes: Any) -> None:
+            entered.set()
+            await outcome  # raises when the test sets an exception
+
+        before = await c.call("query_taskset_status", ref)
+        assert before in ("waiting", "running")
+        store.commit = held
+        try:
+            finishing = asyncio.ensure_future(c.call("finish_trial", trial, "passed", "", "", 1, 0, 0))
+            await asyncio.wait_for(entered.wait(), 10)
+            waiting = [
+                asyncio.ensure_future(other.call("query_taskset_status", ref)),
+                asyncio.ensure_future(other.call("query_taskset_summary", ref)),
+                asyncio.ensure_future(h.get(f"/api/v1/tasksets/{ref[1]}")),
+                asyncio.ensure_future(other.call("dequeue_task", ref)),
+            ]
+            await asyncio.sleep(0.3)
+            assert not any(w.done() for w in waiting), [w.result() for w in waiting if w.done()]
+            outcome.set_exception(Unavailable("the database went away"))
+            with pytest.raises(RpcError):
+                await finishing
+            status, summary, (_, record) = await asyncio.wait_for(asyncio.gather(*waiting[:3]), 10)
+        finally:
+            store.commit = commit
+        assert status == before and summary["status"] == before and record["status"] == before
+        assert summary["passed_count"] == 0 and summary["finished_at"] is None  # the lost finish
+        dequeue = waiting[3]
+        await asyncio.sleep(0.2)
+        assert not dequeue.done(), "a slave was told the taskset is over"
+        assert await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None
+        assert await asyncio.wait_for(dequeue, 10) is None
+        assert await c.call("query_taskset_status", ref) == "succeeded"
