@@ -107,7 +107,8 @@ class Workers:
             if entry is None:
                 owner = self.coordinator.owners.get(taskset_id)
                 if owner is None or owner.model.status not in DISPATCHED:
-                    # It still runs a finished taskset: tell it to stop.
+                    # It runs a taskset it cannot be running (finished, unknown, or never dispatched): the
+                    # protocol's one way to tell it to stop is `taskset_finished`.
                     worker.taskset_id = taskset_id
                     self.coordinator.spawn(self._tell_finished(worker, taskset_id), f"finished-{worker.name}")
                     return

@@ -321,3 +321,17 @@ async def test_a_finish_is_not_reported_before_it_is_committed(database_url: str
         assert await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None
         assert await asyncio.wait_for(dequeue, 10) is None
         assert await c.call("query_taskset_status", ref) == "succeeded"
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_with_1007(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        url = h.server.make_url("/")
+        reader, writer = await open_raw(url.host or "127.0.0.1", url.port or 0)
+        try:
+            writer.write(masked_text_frame(b'{"jsonrpc":"2.0","id":1,"method":"\xff\xfe"}'))
+            opcode, payload = await asyncio.wait_for(read_frame(reader), 10)
+            assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1007
+        finally:
+            writer.close()
+        async with h.client() as c:  # the coordinator serves on
+            assert await c.call("active_tasksets") == []
