@@ -51,5 +51,9 @@ class InvalidArgument(CoordinatorError):
     """A value is out of range or malformed."""
 
 
+class Refused(InvalidArgument):
+    """The store cannot hold a value of this call."""
+
+
 class Unavailable(CoordinatorError):
     """The store could not be reached; try again."""

@@ -12,7 +12,7 @@ from typing import Any, Final, Protocol
 
 import structlog
 
-from coordinator.core.errors import CoordinatorError, Unavailable
+from coordinator.core.errors import CoordinatorError, Refused, Unavailable
 from coordinator.core.taskset import Effects, TasksetModel
 from coordinator.store.store import Store
 from protocol.types import TasksetStatus
@@ -94,6 +94,8 @@ class Owner:
         self.store = store
         self.listener = listener
         self._jobs: collections.deque[_Job] = collections.deque()
+        self._alone: collections.deque[_Job] = collections.deque()
+        """Jobs of a batch whose commit the store refused: each is applied and committed on its own, first."""
         self._arrival: asyncio.Future[None] | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -128,8 +130,9 @@ class Owner:
     def _refuse_queued(self) -> None:
         """No more calls are applied: those queued are told to try again."""
         self._stopped = True
-        while self._jobs:
-            self._jobs.popleft().tell(None, _unloaded())
+        for queue in (self._alone, self._jobs):
+            while queue:
+                queue.popleft().tell(None, _unloaded())
         self._settle_finish()
         self._changed.set()
 
@@ -181,7 +184,7 @@ class Owner:
     @property
     def idle(self) -> bool:
         """No command waits to be applied."""
-        return not self._jobs
+        return not self._jobs and not self._alone
 
     async def changed(self, timeout: float | None) -> None:
         """Wait until the queue may hold work again, or `timeout` seconds."""
@@ -204,7 +207,7 @@ class Owner:
         try:
             while True:
                 batch = _Batch(time.perf_counter())
-                while not self._jobs and not self._stale:
+                while not self._jobs and not self._alone and not self._stale:
                     self._arrival = asyncio.get_running_loop().create_future()
                     await self._arrival
                 if self._stale:
@@ -214,19 +217,27 @@ class Owner:
                     committing = None
                     await self._reload()
                     continue
-                await self._apply(batch, self._take(BATCH))
+                alone = bool(self._alone)
+                await self._apply(batch, [self._alone.popleft()] if alone else self._take(BATCH))
                 if committing is not None and not await committing:
                     # The previous batch did not commit: this one was built on its state.
-                    self._fail(batch.outcomes, Unavailable("an earlier change could not be committed; try again"))
+                    if self._alone:
+                        # The store refused the previous batch's values: it is tried call by call, and this
+                        # one (innocent of that) is applied again behind it.
+                        self._jobs.extendleft(reversed([job for job, _, _ in batch.outcomes]))
+                    else:
+                        self._fail(batch.outcomes, Unavailable("an earlier change could not be committed; try again"))
                     await self._reload()
                     committing = None
                     continue
                 committing = None
                 room = BATCH - len(batch.outcomes)
-                if room > 0 and self._jobs:
+                if room > 0 and self._jobs and not alone:
                     await self._apply(batch, self._take(room))
                 if batch.outcomes:
                     committing = asyncio.create_task(self._commit(batch))
+                    if alone:
+                        await asyncio.wait([committing])  # the next call alone is applied to what this left
         finally:
             if committing is not None:
                 committing.cancel()
@@ -283,9 +294,14 @@ class Owner:
             self._fail(batch.outcomes, _unloaded())
             raise
         except Exception as exc:
-            log.error("commit_failed", taskset_id=self.model.id, error=str(exc))
+            log.error("commit_failed", taskset_id=self.model.id, error=str(exc), calls=len(batch.outcomes))
             self._stale = True
             self._poke()
+            if isinstance(exc, Refused) and len(batch.outcomes) > 1:
+                # A value of one of its calls, not the store's state, is at fault: each call is tried again on
+                # its own (on the state read back), so that only the one at fault is refused.
+                self._alone.extend(job for job, _, _ in batch.outcomes)
+                return False
             self._fail(batch.outcomes, exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc)))
             return False
         for job, result, error in batch.outcomes:

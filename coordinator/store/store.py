@@ -15,7 +15,7 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from coordinator.core.errors import RsyncNameBusy, Unavailable
+from coordinator.core.errors import Refused, RsyncNameBusy, Unavailable
 from coordinator.core.taskset import (
     SlaveState,
     TasksetModel,
@@ -435,7 +435,14 @@ def _trial_arguments(groups: dict[str, list[tuple[Any, ...]]]) -> list[list[Any]
     return arguments
 
 
+# What the database refuses about the values themselves (bad data, a broken constraint, a value over a limit
+# such as an index entry's size): trying the same again cannot help.
+_REFUSALS: Final = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError)
+
+
 def _translate(exc: BaseException) -> Exception:
     if isinstance(exc, Unavailable | RsyncNameBusy):
         return exc
+    if isinstance(exc, _REFUSALS):
+        return Refused(f"the store cannot hold a value of this call: {type(exc).__name__}: {exc}")
     return Unavailable(f"the database failed: {type(exc).__name__}: {exc}")

@@ -335,3 +335,65 @@ async def test_a_text_frame_that_is_not_utf8_closes_with_1007(database_url: str,
             writer.close()
         async with h.client() as c:  # the coordinator serves on
             assert await c.call("active_tasksets") == []
+
+
+async def test_a_value_the_store_refuses_fails_its_own_call_only(database_url: str, tmp_path: Path) -> None:
+    """Calls committed together: when the store refuses one call's value, each call of the batch is tried
+    again on its own, so the others succeed and only that call is refused (before, the whole batch failed,
+    and the refused call's every retry took its next batch down with it)."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        ref = await new_taskset(h, [task(f"t{i}.py") for i in range(4)])
+        slave = await c.call("create_slave", "s1", ref)
+        trials = []
+        for _ in range(4):
+            task_ref, *_ = await c.call("dequeue_task", ref)
+            trials.append(await c.call("create_trial", task_ref, slave))
+        store = h.server.app[keys.COORDINATOR].store
+        commit = store.commit
+        release = asyncio.Event()
+        batches: list[list[str]] = []
+
+        async def poisoning(writes: Any) -> None:
+            # A value the model lets through but the store refuses, as a real database would refuse it.
+            finishes = [w.args[2] for w in writes if w.query == "finish_trial"]
+            batches.append(finishes)
+            if len(batches) == 1:
+                await release.wait()  # holds this commit, so the finishes below share the next one
+            writes = [
+                type(w)(w.query, (*w.args[:2], "\x00", *w.args[3:]))
+                if w.query == "finish_trial" and w.args[2] == "poison"
+                else w
+                for w in writes
+            ]
+            await commit(writes)
+
+        store.commit = poisoning
+        try:
+            held = asyncio.ensure_future(c.call("start_trial", trials[0]))
+            for _ in range(100):
+                if batches:
+                    break
+                await asyncio.sleep(0.01)
+            outputs = ["fine-1", "poison", "fine-2"]
+            calls = [
+                asyncio.ensure_future(c.call("finish_trial", trial, "passed", out, "", 1, 0, 0))
+                for trial, out in zip(trials[1:], outputs, strict=True)
+            ]
+            await asyncio.sleep(0.3)
+            release.set()
+            assert await asyncio.wait_for(held, 10) is None
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        finally:
+            store.commit = commit
+        assert batches[1] == outputs, batches  # the three shared a commit: the test reached the refusal
+        assert results[0] is None and results[2] is None, results
+        assert isinstance(results[1], RpcError) and results[1].code == -32602, results[1]
+        assert "cannot hold a value" in str(results[1])
+        for trial, expected in zip(trials[1:], ["passed", None, "passed"], strict=True):
+            _, row = await h.get(f"/api/v1/trials/{trial[1]}")
+            assert row["status"] == expected, (trial, row)
+        assert await c.call("finish_trial", trials[2], "passed", "clean", "", 1, 0, 0) is None
+        assert await c.call("finish_trial", trials[0], "passed", "", "", 1, 0, 0) is None
+        assert await c.call("query_taskset_status", ref) == "succeeded"
+        _, summary = await h.get(f"/api/v1/tasksets/{ref[1]}")
+        assert summary["passed_count"] == 4
