@@ -198,6 +198,10 @@ def test_create_trial_is_idempotent_per_slave() -> None:
         (["a//b.py"], [(2, 1)], False),
         (["a.py", "a.py"], [(2, 1), (2, 1)], False),
         (["a.py"], [(1, 2)], False),
+        (["x" * 1021 + ".py"], [(2, 1)], True),  # 1,024 bytes
+        (["x" * 1022 + ".py"], [(2, 1)], False),
+        (["\u00e9" * 510 + ".py"], [(2, 1)], True),  # 1,023 bytes in 513 characters
+        (["\u00e9" * 511 + ".py"], [(2, 1)], False),  # 1,025 bytes in 514 characters
     ],
 )
 def test_check_tasks(paths: list[str], timeouts: list[tuple[int, int]], ok: bool) -> None:
