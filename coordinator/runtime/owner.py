@@ -20,6 +20,9 @@ from protocol.types import TasksetStatus
 log = structlog.get_logger("testfleet.owner")
 
 BATCH: Final = 512
+# After a bug ended an owner's loop, it starts again this long after (doubling each time, up to the most).
+RESTART_FIRST_S: Final = 0.1
+RESTART_MOST_S: Final = 30.0
 Command = Callable[[TasksetModel, dt.datetime], tuple[Any, Effects]]
 # Told a command's result or error once its batch is committed (or has failed): the transport's way to
 # write a reply at once, without a task waiting on a future.
@@ -100,6 +103,9 @@ class Owner:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._closing = False
+        self._restarts = 0
+        self._restart: asyncio.Task[None] | None = None
         self._stale = False
         """The model may be ahead of the database (a commit failed) until `_reload` reads it back."""
         self._finishing: asyncio.Future[None] | None = None
@@ -116,12 +122,33 @@ class Owner:
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         """The loop ended: stopped, or (a bug) by an exception; either way no queued call waits forever."""
-        if not task.cancelled() and task.exception() is not None:
-            log.error("owner_failed", taskset_id=self.model.id, error=repr(task.exception()))
+        failed = not task.cancelled() and task.exception() is not None
+        if failed:
+            log.error("owner_failed", taskset_id=self.model.id, error=repr(task.exception()), restarts=self._restarts)
         self._refuse_queued()
+        if failed and not self._closing:
+            self._restart = asyncio.ensure_future(self._start_again())
+
+    async def _start_again(self) -> None:
+        """After a bug ended the loop: read the state back and start again, later each time it happens.
+
+        Meanwhile calls are answered "try again"; a bug that a call sets off each time costs only that call.
+        """
+        await asyncio.sleep(min(RESTART_FIRST_S * 2**self._restarts, RESTART_MOST_S))
+        self._restarts += 1
+        await self._reload()
+        if self._closing:
+            return
+        self._stopped = False
+        self.start()
+        log.warning("owner_restarted", taskset_id=self.model.id, restarts=self._restarts)
 
     async def stop(self) -> None:
+        self._closing = True
         self._stopped = True
+        if self._restart is not None:
+            self._restart.cancel()
+            await asyncio.gather(self._restart, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

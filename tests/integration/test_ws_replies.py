@@ -397,3 +397,36 @@ async def test_a_value_the_store_refuses_fails_its_own_call_only(database_url: s
         assert await c.call("query_taskset_status", ref) == "succeeded"
         _, summary = await h.get(f"/api/v1/tasksets/{ref[1]}")
         assert summary["passed_count"] == 4
+
+
+async def test_an_owner_whose_loop_a_bug_ends_starts_again(database_url: str, tmp_path: Path) -> None:
+    """Its calls are answered "try again" meanwhile; then it reads its state back and serves on."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        ref, _, trial = await one_trial(h, c)
+        owner = h.server.app[keys.COORDINATOR].owners[ref[1]]
+        take = owner._take
+        bugs = 0
+
+        def buggy_once(most: int) -> Any:
+            nonlocal bugs
+            if bugs == 0:
+                bugs += 1
+                raise RuntimeError("a bug in the owner")
+            return take(most)
+
+        owner._take = buggy_once  # type: ignore[method-assign]
+        with pytest.raises(RpcError) as lost:
+            await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+        assert lost.value.code == -32603 and "try again" in str(lost.value)
+        assert bugs == 1
+        for _ in range(100):
+            try:
+                assert await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0) is None
+                break
+            except RpcError as exc:
+                assert exc.code == -32603 and "try again" in str(exc)
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the owner did not start again")
+        assert await c.call("query_taskset_status", ref) == "succeeded"
+        assert h.server.app[keys.COORDINATOR].owners[ref[1]] is owner
