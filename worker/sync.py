@@ -94,8 +94,16 @@ def _check_member(member: tarfile.TarInfo) -> None:
             raise UnsafeBundle(f"refusing bundle member {member.name!r}: a link to an absolute path")
 
 
+def _scratch_stem(target: Path) -> str:
+    """What names the scratch trees beside `target`: a file name holds at most 255 bytes, an rsync_name 255."""
+    name = target.name
+    if len(name) <= 200:
+        return name
+    return f"{name[:100]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
 def _clear_leftovers(target: Path) -> None:
-    for stale in target.parent.glob(f".{target.name}.*-*"):
+    for stale in target.parent.glob(f".{_scratch_stem(target)}.*-*"):
         _remove(stale)
 
 
@@ -114,7 +122,7 @@ def unpack_bundle(archive: Path, target: Path) -> None:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     _clear_leftovers(target)
-    fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    fresh = Path(tempfile.mkdtemp(prefix=f".{_scratch_stem(target)}.new-", dir=target.parent))
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
@@ -122,7 +130,7 @@ def unpack_bundle(archive: Path, target: Path) -> None:
                 _check_member(member)
             tar.extractall(fresh, members=members, filter="data")
         fresh.chmod(0o755)
-        old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+        old = target.parent / f".{_scratch_stem(target)}.old-{secrets.token_hex(4)}"
         if target.exists() or target.is_symlink():
             target.rename(old)
         fresh.rename(target)

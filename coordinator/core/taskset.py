@@ -173,6 +173,8 @@ class TasksetModel:
     undecided: int = 0
     decided: collections.Counter[TaskStatus] = field(default_factory=collections.Counter)
     leases: dict[int, Hashable] = field(default_factory=dict)
+    ended_leases: dict[int, Hashable] = field(default_factory=dict)
+    """Leases `create_trial` ended, by task, until the owner takes them (to give back if the trial is lost)."""
     output_limit: int = DEFAULT_OUTPUT_LIMIT
 
     # -- building ------------------------------------------------------------------
@@ -394,11 +396,12 @@ class TasksetModel:
         if slave is None:
             raise SlaveNotFound(f"slave {slave_id} is not a slave of taskset {self.id}")
         task = self.tasks[task_id]
+        holder = self.leases.pop(task_id, None)
+        if holder is not None:
+            self.ended_leases[task_id] = holder
         for trial in task.trials:
             if trial.slave_id == slave_id and trial.status is None:
-                self.leases.pop(task_id, None)
                 return TrialRef(trial.id), fx
-        self.leases.pop(task_id, None)
         self._unqueue(task_id)
         trial = TrialState(new_id(), task_id, slave_id, None, now)
         task.trials.append(trial)

@@ -14,12 +14,12 @@ import structlog
 
 from coordinator.core.errors import (
     Conflict,
+    CoordinatorError,
     InvalidArgument,
     SlaveNotFound,
     TaskNotFound,
     TasksetNotFound,
     TrialNotFound,
-    Unavailable,
     WorkerLogNotFound,
 )
 from coordinator.core.taskset import WAIT, Effects, TasksetModel, Wait, check_tasks
@@ -158,8 +158,8 @@ class Coordinator:
             await asyncio.sleep(HISTORY_TRIM_S)
             try:
                 deleted = await self.store.trim_history()
-            except Unavailable as exc:
-                # The next round tries again: a database outage must not end the loop.
+            except CoordinatorError as exc:
+                # The next round tries again: a database outage (or refusal) must not end the loop.
                 log.warning("history_trim_failed", error=str(exc))
                 continue
             if deleted:
@@ -369,13 +369,18 @@ class Coordinator:
         # A lease changes nothing durable (a restart queues the task again), so it is answered at once
         # from the model rather than behind the taskset's pending commits.
         conn.taskset_ids.add(owner.id)
-        slave_id = next((sid for sid in conn.slave_ids if sid in owner.model.slaves), None)
+        slave_id = None
+        slaves = owner.model.slaves
+        for sid in conn.slave_ids:  # a plain loop: this runs on every lease
+            if sid in slaves:
+                slave_id = sid
+                break
         owner.last_used = asyncio.get_running_loop().time()
         result = owner.model.dequeue(conn.id, slave_id, utcnow())
         if result is None and owner.finish_uncommitted:
             return WAIT  # a slave told "finished" goes away: not before the finish is committed
         if result is not None and not isinstance(result, Wait):
-            self.metrics.leases.inc()
+            self.metrics.leases.value += 1
         return result
 
     async def try_finish_taskset(self, conn: Connection | None, p: m.TasksetRefParams) -> None:

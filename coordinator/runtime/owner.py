@@ -77,12 +77,14 @@ class _Job:
 class _Batch:
     """Jobs applied together: their outcomes and their combined effects."""
 
-    __slots__ = ("fx", "outcomes", "started")
+    __slots__ = ("ended_leases", "fx", "outcomes", "started")
 
     def __init__(self, started: float) -> None:
         self.started = started
         self.fx = Effects()
         self.outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        self.ended_leases: dict[int, Any] = {}
+        """Leases its `create_trial`s ended: held again if the batch is lost, until the call is applied again."""
 
 
 def _unloaded() -> Unavailable:
@@ -99,6 +101,10 @@ class Owner:
         self._jobs: collections.deque[_Job] = collections.deque()
         self._alone: collections.deque[_Job] = collections.deque()
         """Jobs of a batch whose commit the store refused: each is applied and committed on its own, first."""
+        self._refused = False
+        """The last failed commit was refused over a value: the batch applied behind it is applied again."""
+        self._lost_leases: dict[int, Any] = {}
+        """Leases ended by batches that were never committed: `_reload` holds them again."""
         self._arrival: asyncio.Future[None] | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -170,9 +176,11 @@ class Owner:
 
     async def finish_settled(self) -> None:
         """Once the model's finish is committed (or, if its commit failed, the state is read back)."""
-        finishing = self._finishing
-        if finishing is not None:
+        while (finishing := self._finishing) is not None:
+            # Another finish may be applied (and wait for its commit) before this waiter runs again.
             await asyncio.shield(finishing)
+            if self._closing:
+                raise _unloaded()
 
     def _settle_finish(self) -> None:
         finishing, self._finishing = self._finishing, None
@@ -248,9 +256,10 @@ class Owner:
                 await self._apply(batch, [self._alone.popleft()] if alone else self._take(BATCH))
                 if committing is not None and not await committing:
                     # The previous batch did not commit: this one was built on its state.
-                    if self._alone:
-                        # The store refused the previous batch's values: it is tried call by call, and this
-                        # one (innocent of that) is applied again behind it.
+                    self._lost_leases.update(batch.ended_leases)
+                    if self._refused:
+                        # The store refused a value of the previous batch (whose calls are tried one by one
+                        # if it had several): this one, innocent of that, is applied again behind it.
                         self._jobs.extendleft(reversed([job for job, _, _ in batch.outcomes]))
                     else:
                         self._fail(batch.outcomes, Unavailable("an earlier change could not be committed; try again"))
@@ -271,6 +280,7 @@ class Owner:
                 await asyncio.gather(committing, return_exceptions=True)
             if batch is not None:
                 # Applied, never committed (told already if it was): its callers must not wait forever.
+                self._lost_leases.update(batch.ended_leases)
                 self._fail(batch.outcomes, _unloaded())
 
     def _take(self, most: int) -> list[_Job]:
@@ -286,7 +296,7 @@ class Owner:
         for table, count in needs.items():
             try:
                 await self.store.ensure_ids(table, count)
-            except (Unavailable, asyncio.CancelledError) as exc:
+            except (CoordinatorError, asyncio.CancelledError) as exc:
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 self._fail([(job, None, None) for job in jobs], _unloaded() if cancelled else exc)
                 if cancelled:
@@ -308,6 +318,9 @@ class Owner:
                 continue
             fx.extend(job_fx)
             batch.outcomes.append((job, result, None))
+        if self.model.ended_leases:
+            batch.ended_leases.update(self.model.ended_leases)
+            self.model.ended_leases.clear()
         if fx.finished is not None and self._finishing is None:
             # Answers that say the taskset is finished wait for this (see `finish_settled`).
             self._finishing = asyncio.get_running_loop().create_future()
@@ -324,12 +337,19 @@ class Owner:
             log.error("commit_failed", taskset_id=self.model.id, error=str(exc), calls=len(batch.outcomes))
             self._stale = True
             self._poke()
-            if isinstance(exc, Refused) and len(batch.outcomes) > 1:
+            self._lost_leases.update(batch.ended_leases)
+            self._refused = isinstance(exc, Refused)
+            if self._refused and len(batch.outcomes) > 1:
                 # A value of one of its calls, not the store's state, is at fault: each call is tried again on
                 # its own (on the state read back), so that only the one at fault is refused.
                 self._alone.extend(job for job, _, _ in batch.outcomes)
                 return False
-            self._fail(batch.outcomes, exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc)))
+            failure = exc if isinstance(exc, CoordinatorError) else Unavailable(str(exc))
+            self._fail(batch.outcomes, failure)
+            if not self._refused:
+                # The store is failing: the calls still waiting to be tried alone would each wait it out.
+                self._fail([(job, None, None) for job in self._alone], failure)
+                self._alone.clear()
             return False
         for job, result, error in batch.outcomes:
             job.tell(result, error)
@@ -364,10 +384,14 @@ class Owner:
             if fresh is not None:
                 # Leases are not in the database: those still held are kept, and their tasks stay out of
                 # the queue, so that a slave about to create its trial does not see its file leased again.
+                # So are those ended by a `create_trial` that was lost with its batch, until it comes again (from
+                # the queue here, or as the peer's retry).
                 waiting = {task.id for task in fresh.tasks.values() if task.status is None and not task.running}
-                fresh.leases = {tid: holder for tid, holder in self.model.leases.items() if tid in waiting}
+                held = {**self._lost_leases, **self.model.leases}
+                fresh.leases = {tid: holder for tid, holder in held.items() if tid in waiting}
                 fresh.fill_queue()
                 self.model.__dict__.update(fresh.__dict__)
+            self._lost_leases.clear()
             self._stale = False
             self._settle_finish()
             self._wake()

@@ -9,7 +9,7 @@ from typing import Any, Final
 import asyncpg
 from aiohttp import web
 
-from coordinator.core.errors import Unavailable
+from coordinator.core.errors import Refused, Unavailable
 from coordinator.runtime.coordinator import Coordinator
 from coordinator.transport import keys
 from coordinator.transport.rpc import Tokens, presented_token
@@ -96,6 +96,8 @@ def viewer(view: View) -> View:
             return await view(request)
         except Unavailable as exc:
             return web.json_response({"error": exc.message}, status=503)
+        except Refused as exc:
+            return web.json_response({"error": exc.message}, status=400)
 
     guarded.__name__ = view.__name__
     guarded.__doc__ = view.__doc__
@@ -103,8 +105,12 @@ def viewer(view: View) -> View:
 
 
 def _id(request: web.Request, name: str = "id") -> int | None:
-    text = request.match_info[name]
-    if not (text.isascii() and text.isdigit()):  # other scripts' digits are digits to `isdigit` too
+    return _positive(request.match_info[name])
+
+
+def _positive(text: str) -> int | None:
+    """An id written in ASCII digits (other scripts' digits are digits to `int` too), or `None`."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
         return None
     value = int(text)
     return value if 1 <= value <= MAX_ID else None
@@ -133,15 +139,14 @@ async def list_tasksets(request: web.Request) -> web.StreamResponse:
     if active_text not in (None, "true", "false"):
         return bad_request(f"active must be true or false, not {active_text!r}")
     active = None if active_text is None else active_text == "true"
-    try:
-        limit = int(request.query.get("limit", "50"))
-        before = int(request.query["before"]) if "before" in request.query else None
-    except ValueError:
-        return bad_request("limit and before must be integers")
-    if not 1 <= limit <= 500:
-        return bad_request(f"limit must be between 1 and 500, not {limit}")
-    if before is not None and not 1 <= before <= MAX_ID:
-        return bad_request(f"before must be a positive id, not {before}")
+    limit_text = request.query.get("limit", "50")
+    limit = _positive(limit_text)
+    if limit is None or limit > 500:
+        return bad_request(f"limit must be between 1 and 500, not {limit_text[:40]!r}")
+    before_text = request.query.get("before")
+    before = None if before_text is None else _positive(before_text)
+    if before_text is not None and before is None:
+        return bad_request(f"before must be a positive id, not {before_text[:40]!r}")
     rows = await _coordinator(request).store.fetch("list_tasksets", active, before, limit)
     return web.json_response({"tasksets": [record(r, TASKSET_FIELDS + COUNT_FIELDS) for r in rows]})
 

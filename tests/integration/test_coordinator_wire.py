@@ -163,7 +163,14 @@ async def test_read_api_and_errors(database_url: str, tmp_path: Path) -> None:
         status, body = await h.get("/api/v1/tasksets?active=false")
         assert [t["id"] for t in body["tasksets"]] == [refs[0][1]]
         assert body["tasksets"][0]["task_count"] == 1 and body["tasksets"][0]["status"] == "cancelled"
-        for path in ("/api/v1/tasksets?active=maybe", "/api/v1/tasksets?limit=0", "/api/v1/tasksets?limit=x"):
+        for path in (
+            "/api/v1/tasksets?active=maybe",
+            "/api/v1/tasksets?limit=0",
+            "/api/v1/tasksets?limit=x",
+            "/api/v1/tasksets?limit=%C2%B2",
+            "/api/v1/tasksets?limit=1_0",
+            "/api/v1/tasksets?before=" + "9" * 5000,
+        ):
             assert (await h.get(path))[0] == 400, path
         for path in (
             "/api/v1/tasksets/999",
@@ -176,6 +183,7 @@ async def test_read_api_and_errors(database_url: str, tmp_path: Path) -> None:
             "/api/v1/tasksets/%C2%B2",  # a superscript two: a digit to `str.isdigit`, not to `int`
             "/api/v1/tasksets/%D9%A3/tasks",  # another script's three
             "/api/v1/trials/%C2%B2",
+            "/api/v1/tasksets/" + "1" * 5000,  # past what `int` reads from text
         ):
             status, body = await h.get(path)
             assert status == 404 and "error" in body, path

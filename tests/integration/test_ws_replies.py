@@ -430,3 +430,157 @@ async def test_an_owner_whose_loop_a_bug_ends_starts_again(database_url: str, tm
             raise AssertionError("the owner did not start again")
         assert await c.call("query_taskset_status", ref) == "succeeded"
         assert h.server.app[keys.COORDINATOR].owners[ref[1]] is owner
+
+
+def poisoned(writes: Any) -> Any:
+    """The writes with a result whose output is "poison" given a value the store refuses (a NUL)."""
+    return [
+        type(w)(w.query, (*w.args[:2], "\x00", *w.args[3:]))
+        if w.query == "finish_trial" and w.args[2] == "poison"
+        else w
+        for w in writes
+    ]
+
+
+async def test_a_refused_call_alone_in_its_commit_does_not_fail_the_batch_behind_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c, h.client() as c2:
+        ref = await new_taskset(h, [task(f"t{i}.py") for i in range(3)])
+        slave = await c.call("create_slave", "s1", ref)
+        trials = []
+        for _ in range(2):
+            task_ref, *_ = await c.call("dequeue_task", ref)
+            trials.append(await c.call("create_trial", task_ref, slave))
+        store = h.server.app[keys.COORDINATOR].store
+        commit = store.commit
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hook(writes: Any) -> None:
+            if [w.args[2] for w in writes if w.query == "finish_trial"] == ["poison"]:
+                entered.set()
+                await release.wait()
+            await commit(poisoned(writes))
+
+        store.commit = hook
+        try:
+            bad = asyncio.ensure_future(c.call("finish_trial", trials[0], "passed", "poison", "", 1, 0, 0))
+            await asyncio.wait_for(entered.wait(), 10)
+            good = asyncio.ensure_future(c2.call("finish_trial", trials[1], "passed", "fine", "", 1, 0, 0))
+            await asyncio.sleep(0.3)  # applied behind the held commit
+            release.set()
+            results = await asyncio.wait_for(asyncio.gather(bad, good, return_exceptions=True), 10)
+        finally:
+            store.commit = commit
+        assert isinstance(results[0], RpcError) and results[0].code == -32602, results[0]
+        assert results[1] is None, results[1]
+
+
+async def test_a_reader_woken_by_a_read_back_waits_for_a_finish_applied_again(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The finish fails to commit; while the state is read back, a cancel arrives and finishes the taskset
+    again; its commit fails too. A status read that waited through all of it never says "cancelled"."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c, h.client() as other:
+        ref, _, trial = await one_trial(h, c)
+        before = await other.call("query_taskset_status", ref)
+        store = h.server.app[keys.COORDINATOR].store
+        commit, load = store.commit, store.load_taskset
+        commits = loads = 0
+        entered = [asyncio.Event(), asyncio.Event()]
+        fail = [asyncio.Event(), asyncio.Event()]
+        loading = asyncio.Event()
+        go_on = asyncio.Event()
+
+        async def hook(writes: Any) -> None:
+            nonlocal commits
+            commits += 1
+            if commits <= 2:
+                entered[commits - 1].set()
+                await fail[commits - 1].wait()
+                raise Unavailable("the database went away")
+            await commit(writes)
+
+        async def held_load(taskset_id: int) -> Any:
+            nonlocal loads
+            loads += 1
+            if loads == 1:
+                loading.set()
+                await go_on.wait()
+            return await load(taskset_id)
+
+        store.commit, store.load_taskset = hook, held_load
+        try:
+            finishing = asyncio.ensure_future(c.call("finish_trial", trial, "passed", "", "", 1, 0, 0))
+            await asyncio.wait_for(entered[0].wait(), 10)
+            status = asyncio.ensure_future(other.call("query_taskset_status", ref))
+            await asyncio.sleep(0.2)
+            fail[0].set()
+            await asyncio.wait_for(loading.wait(), 10)
+            cancel = asyncio.ensure_future(h.call("cancel_taskset", ref))
+            await asyncio.sleep(0.2)
+            go_on.set()
+            await asyncio.wait_for(entered[1].wait(), 10)
+            await asyncio.sleep(0.2)
+            assert not status.done(), status.result()
+            fail[1].set()
+            answered = await asyncio.wait_for(status, 10)
+            await asyncio.gather(finishing, cancel, return_exceptions=True)
+        finally:
+            store.commit, store.load_taskset = commit, load
+        assert answered == before
+        assert await other.call("query_taskset_status", ref) == before
+
+
+async def test_a_create_trial_lost_with_its_batch_keeps_its_lease(database_url: str, tmp_path: Path) -> None:
+    """A batch the store refuses holds a create_trial: until that call is applied again, its file is not
+    handed to another slave (which would make two trials of it, neither a speculation)."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c, h.client() as c2:
+        ref = await new_taskset(h, [task("a.py"), task("b.py"), task("c.py")])
+        s1 = await c.call("create_slave", "s1", ref)
+        s2 = await c2.call("create_slave", "s2", ref)
+        a, *_ = await c.call("dequeue_task", ref)
+        trial_a = await c.call("create_trial", a, s1)
+        b, *_ = await c.call("dequeue_task", ref)  # leased to c
+        store = h.server.app[keys.COORDINATOR].store
+        commit = store.commit
+        first = asyncio.Event()
+        release = asyncio.Event()
+        alone_poison = asyncio.Event()
+        go_on = asyncio.Event()
+        commits = 0
+
+        async def hook(writes: Any) -> None:
+            nonlocal commits
+            commits += 1
+            if commits == 1:
+                first.set()
+                await release.wait()
+            kinds = [w.query for w in writes]
+            if [w.args[2] for w in writes if w.query == "finish_trial"] == ["poison"] and "insert_trial" not in kinds:
+                alone_poison.set()
+                await go_on.wait()
+            await commit(poisoned(writes))
+
+        store.commit = hook
+        try:
+            held = asyncio.ensure_future(c.call("start_trial", trial_a))
+            await asyncio.wait_for(first.wait(), 10)
+            bad = asyncio.ensure_future(c.call("finish_trial", trial_a, "passed", "poison", "", 1, 0, 0))
+            mine = asyncio.ensure_future(c.call("create_trial", b, s1))
+            await asyncio.sleep(0.3)
+            release.set()
+            await asyncio.wait_for(alone_poison.wait(), 10)
+            # The refused result is tried alone; the create_trial waits its turn. Another slave asks for work:
+            theirs, *_ = await asyncio.wait_for(c2.call("dequeue_task", ref), 10)
+            go_on.set()
+            results = await asyncio.wait_for(asyncio.gather(held, bad, mine, return_exceptions=True), 10)
+        finally:
+            store.commit = commit
+        assert theirs != b, "the file of a create_trial waiting to be applied again was leased to another slave"
+        assert results[0] is None and isinstance(results[1], RpcError) and results[1].code == -32602, results
+        assert results[2][0] == "trial", results[2]
+        await c2.call("create_trial", theirs, s2)
+        _, tasks = await h.get(f"/api/v1/tasksets/{ref[1]}/tasks")
+        assert sorted(t["trial_count"] for t in tasks["tasks"]) == [1, 1, 1], tasks

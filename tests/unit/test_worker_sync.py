@@ -56,6 +56,16 @@ def test_unpack_replaces_the_tree(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tgz", "b.tgz", "proj"], "no temporary trees are left"
 
 
+@pytest.mark.parametrize("name", ["a" * 255, "b" * 201])
+def test_unpack_under_the_longest_rsync_names(tmp_path: Path, name: str) -> None:
+    """The scratch trees beside the target are named within a file name's 255 bytes."""
+    target = tmp_path / name
+    for round_ in (b"1", b"2"):
+        unpack_bundle(write(tmp_path / "a.tgz", make_tar([("x.py", round_)])), target)
+        assert (target / "x.py").read_bytes() == round_
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.tgz", name])
+
+
 @pytest.mark.parametrize(
     "member",
     [
