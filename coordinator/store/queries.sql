@@ -202,6 +202,5 @@ SELECT count(*) FROM deleted;
 SELECT 1;
 
 -- name: commit_trials
--- A group's trial, history, verdict and current-trial writes in one statement (see migration 0002).
-SELECT testfleet_commit_trials($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-                               $20, $21, $22);
+-- A group's trial, history, verdict and current-trial writes in one statement (see migration 0003).
+SELECT testfleet_commit_trials($1::jsonb);

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import asyncpg
+import msgspec
 import structlog
 
 from coordinator.core.errors import Refused, RsyncNameBusy, Unavailable
@@ -30,15 +31,15 @@ from protocol.types import SlaveStatus, TasksetStatus, TaskStatus, TrialStatus
 
 _QUERY_RE: Final = re.compile(r"^-- name: (\w+)\n--[^\n]*\n(.*?)(?=^-- name: |\Z)", re.S | re.M)
 
-# The hot path's write kinds, in the order `testfleet_commit_trials` applies them, with each kind's column
-# count and whether a later row for the same id replaces an earlier one (else the first row stands).
+# The hot path's write kinds, in the order `testfleet_commit_trials` applies them, with whether a later row
+# for the same id replaces an earlier one (else the first row stands; `None`: rows have no id).
 _TRIAL_WRITES: Final = {
-    "insert_trial": (4, False),
-    "start_trial": (2, False),
-    "finish_trial": (8, False),
-    "insert_spec_sample": (4, None),
-    "set_task_status": (2, True),
-    "set_slave_current_trial": (2, True),
+    "insert_trial": False,
+    "start_trial": False,
+    "finish_trial": False,
+    "insert_spec_sample": None,
+    "set_task_status": True,
+    "set_slave_current_trial": True,
 }
 # Every other write runs as its own statement: rows first, then the trial writes, then changes to rows.
 _BEFORE_TRIALS: Final = ("insert_worker_log", "insert_slave")
@@ -188,18 +189,18 @@ class Store:
         unknown = groups.keys() - _KINDS
         if unknown:
             raise ValueError(f"unknown write kinds: {sorted(unknown)}")
-        trial_args = _trial_arguments(groups) if groups.keys() & _TRIAL_WRITES.keys() else None
+        document = trial_document(groups) if groups.keys() & _TRIAL_WRITES.keys() else None
         started = time.perf_counter()
         async with self.pool.acquire() as conn:
             try:
-                if trial_args is not None and not groups.keys() - _TRIAL_WRITES.keys():
+                if document is not None and not groups.keys() - _TRIAL_WRITES.keys():
                     # A single statement is its own transaction: one round trip commits the whole group.
-                    await conn.execute(QUERIES["commit_trials"], *trial_args)
+                    await conn.execute(QUERIES["commit_trials"], document)
                 else:
                     async with conn.transaction():
                         await _execute_kinds(conn, groups, _BEFORE_TRIALS)
-                        if trial_args is not None:
-                            await conn.execute(QUERIES["commit_trials"], *trial_args)
+                        if document is not None:
+                            await conn.execute(QUERIES["commit_trials"], document)
                         await _execute_kinds(conn, groups, _AFTER_TRIALS)
             except asyncpg.InternalClientError:
                 conn.terminate()  # never handed out again: the pool opens a fresh one
@@ -417,22 +418,22 @@ async def _execute_kinds(conn: Any, groups: dict[str, list[tuple[Any, ...]]], ki
             await conn.executemany(QUERIES[kind], rows)
 
 
-def _trial_arguments(groups: dict[str, list[tuple[Any, ...]]]) -> list[list[Any]]:
-    """The arguments of `commit_trials`: one list per column of each trial write kind, at most one row per id."""
-    arguments: list[list[Any]] = []
-    for kind, (width, latest_wins) in _TRIAL_WRITES.items():
-        rows = groups.get(kind, ())
+_DOCUMENT: Final = msgspec.json.Encoder()
+
+
+def trial_document(groups: dict[str, list[tuple[Any, ...]]]) -> str:
+    """The argument of `commit_trials`: each trial write kind's rows, at most one per id (migration 0003)."""
+    kinds: list[list[tuple[Any, ...]]] = []
+    for kind, latest_wins in _TRIAL_WRITES.items():
+        rows = groups.get(kind, [])
         if latest_wins is not None and len(rows) > 1:
             by_id: dict[Any, tuple[Any, ...]] = {}
             for row in rows:
                 if latest_wins or row[0] not in by_id:
                     by_id[row[0]] = row
             rows = list(by_id.values())
-        if rows:
-            arguments.extend(list(column) for column in zip(*rows, strict=True))
-        else:
-            arguments.extend([] for _ in range(width))
-    return arguments
+        kinds.append(rows)
+    return _DOCUMENT.encode(kinds).decode()
 
 
 # What the database refuses about the values themselves (bad data, a broken constraint, a value over a limit
