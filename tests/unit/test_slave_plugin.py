@@ -700,3 +700,64 @@ def test_the_case_block_survives_truncation() -> None:
     assert human.startswith("xxx")
     fitted, _ = fit_outputs("\x01" * 20_000 + "\n" + block, "", budget=30_000)
     assert fitted.endswith("\n" + block) and len(fitted) < 20_000
+
+
+def _write_project(root: Path, files: dict[str, str]) -> Path:
+    root.mkdir()
+    (root / "pytest.ini").write_text("[pytest]\n")
+    for name, text in files.items():
+        (root / name).write_text(textwrap.dedent(text))
+    return root
+
+
+def test_pytest_exit_in_a_test_ends_its_file_as_an_error_and_the_slave_serves_on(tmp_path: Path) -> None:
+    """pytest.exit() ends pytest's session; in a slave it ends the file, which gets its verdict at once
+    (before, the slave ended with its file unfinished, and the file waited for its hard timeout)."""
+    root = _write_project(
+        tmp_path / "project",
+        {
+            "test_exits.py": """
+                import pytest
+
+                def test_before():
+                    pass
+
+                def test_exits():
+                    pytest.exit("the environment is gone", returncode=3)
+
+                def test_after():
+                    pass
+            """,
+            "test_fine.py": "def test_fine():\n    pass\n",
+        },
+    )
+    run = run_slave(root, tmp_path, ["test_exits.py", "test_fine.py"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.counts("test_exits.py") == (TrialStatus.FAILED, 1, 0, 1)
+    assert "pytest.exit() in test_exits.py::test_exits: the environment is gone" in run.result("test_exits.py").stdout
+    assert run.counts("test_fine.py") == (TrialStatus.PASSED, 1, 0, 0)
+
+
+def test_without_the_terminal_plugin_the_slave_counts_as_pytest_does(tmp_path: Path) -> None:
+    """`-p no:terminal` (in addopts, say) takes away the hook that names each report's category."""
+    root = copy_suites(tmp_path, "every_outcome")
+    files = [f"every_outcome/{name}" for name in EVERY_OUTCOME_FILES]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bare").mkdir()
+    plain = run_slave(root, tmp_path / "plain", files)
+    bare = run_slave(root, tmp_path / "bare", files, "-p", "no:terminal")
+    assert bare.returncode == 0, bare.stderr[-2000:]
+    for name in files:
+        assert bare.counts(name) == plain.counts(name), name
+
+
+def test_a_lone_surrogate_in_a_failure_message_is_kept_as_its_escape(tmp_path: Path) -> None:
+    root = _write_project(
+        tmp_path / "project",
+        {"test_surrogate.py": 'def test_message():\n    assert 0, "bytes \\udcff here"\n'},
+    )
+    # pytest's own report of it writes the byte raw: read the slave's stdout leniently.
+    run = run_slave(root, tmp_path, ["test_surrogate.py"], env=slave_env(PYTHONIOENCODING="utf-8:backslashreplace"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.counts("test_surrogate.py") == (TrialStatus.FAILED, 0, 0, 1)
+    assert "bytes \\udcff here" in run.result("test_surrogate.py").stdout

@@ -49,6 +49,15 @@ class OutputBuffer:
         return head + truncation_line(dropped) + tail.decode("utf-8", errors="replace")
 
 
+def encodable(text: str) -> str:
+    """`text` as UTF-8 can carry it: a lone surrogate (a test's own message may hold one) as its escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def bound_text(text: str, limit: int = MAX_OUTPUT_BYTES) -> str:
     """`text` cut to about `limit` UTF-8 bytes the way `OutputBuffer` cuts a stream."""
     if len(text) * 4 <= limit:

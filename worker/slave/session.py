@@ -108,8 +108,19 @@ class SlaveSession:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self._current is not None:
-            category = self._config.hook.pytest_report_teststatus(report=report, config=self._config)[0]
-            self._current[1].add_test_report(report, category)
+            self._current[1].add_test_report(report, self._category(report))
+
+    def _category(self, report: pytest.TestReport) -> str:
+        """The summary category pytest counts a report under; its own reckoning when no plugin gives one
+        (the terminal plugin gives it, and `-p no:terminal` takes that away)."""
+        status = self._config.hook.pytest_report_teststatus(report=report, config=self._config)
+        if status:
+            return str(status[0])
+        if hasattr(report, "wasxfail"):
+            return "xfailed" if report.skipped else "xpassed"
+        if report.failed and report.when != "call":
+            return "error"
+        return report.outcome
 
     # -- the phases a soft timeout may interrupt ------------------------------------
 
@@ -236,6 +247,13 @@ class SlaveSession:
                 item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             except pytest.fail.Exception:
                 # A soft timeout that landed just as a phase ended, outside pytest's own catch.
+                return _FileEnd.COMPLETE
+            except pytest.exit.Exception as exc:
+                # The test ended pytest's session its own way: here that ends its file, as an error of the
+                # file, and the slave goes on with the next (a slave that stopped would leave its file
+                # unfinished, and its worker would count a failed slave).
+                reason = f"pytest.exit() in {item.nodeid}: {exc.msg}"
+                tally.add_error(f"pytest.exit() in {item.nodeid}", reason + "\n", when="call", message=reason)
                 return _FileEnd.COMPLETE
             finally:
                 self._phase_active = False

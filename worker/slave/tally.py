@@ -8,7 +8,7 @@ from typing import Final
 import pytest
 
 from protocol.types import TrialStatus
-from worker.slave.output import CASES_MARKER, MAX_OUTPUT_BYTES, bound_text, bound_with_block
+from worker.slave.output import CASES_MARKER, MAX_OUTPUT_BYTES, bound_text, bound_with_block, encodable
 from worker.slave.source import FileResult
 
 # pytest's report categories (the words of its summary line) and the count each one feeds.
@@ -200,6 +200,6 @@ class FileTally:
             passed=self.passed,
             pending=self.pending,
             failed=self.failed,
-            stdout=bound_with_block("".join(self._stdout) + extra_stdout, self.cases_block()),
-            stderr=bound_text("".join(self._stderr)),
+            stdout=encodable(bound_with_block("".join(self._stdout) + extra_stdout, self.cases_block())),
+            stderr=encodable(bound_text("".join(self._stderr))),
         )
