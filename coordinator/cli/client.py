@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,10 +52,20 @@ def normalize_url(url: str) -> str:
 class Client:
     """One coordinator over HTTP; use as an async context manager."""
 
-    def __init__(self, url: str, token: str | None = None, *, retry_for_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        retry_for_s: float = 60.0,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.url = normalize_url(url)
         self.token = token
         self.retry_for_s = retry_for_s
+        self.warn = warn
+        """Told once when the coordinator stops answering (the client then retries), and once when it is back."""
+        self._unreachable = False
         self._session: aiohttp.ClientSession | None = None
         self._ids = itertools.count(1)
 
@@ -85,15 +96,24 @@ class Client:
         delay = 0.2
         while True:
             try:
-                return await attempt()
+                result = await attempt()
             except _TRANSIENT as exc:
-                error = f"{what}: {exc!r}"
+                error = f"{what}: {type(exc).__name__}: {exc}"
             except ApiError as exc:
                 if exc.status not in RETRY_STATUSES:
                     raise
                 error = f"{what}: {exc}"
+            else:
+                if self._unreachable and self.warn is not None:
+                    self.warn(f"the coordinator at {self.url} answers again")
+                self._unreachable = False
+                return result
             if not retry or time.monotonic() + delay > deadline:
                 raise CoordinatorUnavailable(f"{self.url} unreachable ({error})")
+            if not self._unreachable and self.warn is not None:
+                left = max(0.0, deadline - time.monotonic())
+                self.warn(f"cannot reach the coordinator at {self.url} ({error}); trying again for up to {left:.0f} s")
+            self._unreachable = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

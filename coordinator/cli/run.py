@@ -269,9 +269,14 @@ def settings_or_exit(args: argparse.Namespace) -> ClientSettings | None:
 # -- the commands --------------------------------------------------------------------------------
 
 
+def _client(settings: ClientSettings) -> Client:
+    """The client of `run` and `wait`: it retries for the disconnect timeout, and says so when it starts to."""
+    return Client(settings.coordinator, settings.token, retry_for_s=settings.disconnect_timeout_sec, warn=say)
+
+
 async def run_async(settings: ClientSettings, paths: Sequence[str], *, follow: bool = True) -> int:
     submission = Submission()
-    async with Client(settings.coordinator, settings.token, retry_for_s=settings.disconnect_timeout_sec) as client:
+    async with _client(settings) as client:
 
         async def work() -> int:
             ref = await submit(client, settings, paths, submission)
@@ -294,7 +299,7 @@ async def run_async(settings: ClientSettings, paths: Sequence[str], *, follow: b
 async def wait_async(settings: ClientSettings, taskset_id: int) -> int:
     ref = TasksetRef(taskset_id)
     submission = Submission(ref, time.monotonic())
-    async with Client(settings.coordinator, settings.token, retry_for_s=settings.disconnect_timeout_sec) as client:
+    async with _client(settings) as client:
 
         async def work() -> int:
             return await follow_and_report(client, settings, ref, submission.started_at)

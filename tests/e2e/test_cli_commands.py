@@ -157,6 +157,9 @@ async def test_errors_exit_2(serve: Serve, tmp_path: Path) -> None:
     unreachable = await asyncio.to_thread(run_cli, "run", cwd=project, env=nowhere)
     assert unreachable.returncode == 2
     assert "unreachable" in unreachable.stderr
+    # Said as soon as it starts retrying, not only once it gives up.
+    assert "cannot reach the coordinator at http://127.0.0.1:9" in unreachable.stderr
+    assert "trying again for up to 1 s" in unreachable.stderr
     (tmp_path / "empty").mkdir()
     no_files = await asyncio.to_thread(run_cli, "submit", "empty", env=env_for(serve), cwd=tmp_path)
     assert no_files.returncode == 2
