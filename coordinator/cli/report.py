@@ -165,7 +165,7 @@ async def fetch_report(client: Client, taskset_id: int, *, outputs_of: str = "fa
     return report
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
@@ -211,7 +211,7 @@ def summary_lines(report: Report) -> Iterable[str]:
     if files["undecided"]:
         parts.append(f"{files['undecided']} not run")
     yield (
-        f"testfleet: taskset {ts.id} {ts.status}{_took(ts)}: {_plural(len(report.tasks), 'file')} "
+        f"testfleet: taskset {ts.id} {ts.status}{_took(ts)}: {plural(len(report.tasks), 'file')} "
         f"({', '.join(parts)}); tests: {tests['passed']} passed, {tests['pending']} pending, "
         f"{tests['failed']} failed"
     )

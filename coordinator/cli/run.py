@@ -42,7 +42,7 @@ from coordinator.cli.errors import CliError
 from coordinator.cli.follow import Follower
 from coordinator.cli.junit import write_junit
 from coordinator.cli.progress import choose_display
-from coordinator.cli.report import fetch_report, print_failures, summary_lines
+from coordinator.cli.report import fetch_report, plural, print_failures, summary_lines
 from coordinator.cli.timeouts import TimeoutRule, build_tasks
 from protocol.errors import ProtocolError
 from protocol.types import TasksetRef, TasksetStatus
@@ -145,7 +145,7 @@ async def submit(client: Client, settings: ClientSettings, paths: Sequence[str],
     )
     submission.ref = ref
     submission.started_at = time.monotonic()
-    say(f"taskset {ref.id}: {len(tasks)} files ({known} with history) as {settings.rsync_name}")
+    say(f"taskset {ref.id}: {plural(len(tasks), 'file')} ({known} with history) as {settings.rsync_name}")
     await sync_code(client, settings)
     await client.call("dispatch_taskset", ref)
     return ref
@@ -168,14 +168,18 @@ async def report_and_exit_code(client: Client, settings: ClientSettings, ref: Ta
     status = TasksetStatus(report.taskset.status)
     if status is TasksetStatus.FAILED and not report.failed_tasks:
         # Not a test's failure: the code sync, the setup command or the slaves failed on a worker.
-        await print_worker_logs(client, ref)
+        await print_worker_logs(client, ref, "failed without a failing file")
         return EXIT_ERROR
+    not_run = len(report.undecided_tasks)
+    if status is TasksetStatus.FAILED and not_run:
+        # Files failed, and the workers stopped before the rest ran (too many slaves failed, say): say why.
+        await print_worker_logs(client, ref, f"ended with {plural(not_run, 'file')} not run")
     return EXIT_CODES.get(status, EXIT_ERROR)
 
 
-async def print_worker_logs(client: Client, ref: TasksetRef, lines: int = WORKER_LOG_TAIL) -> None:
+async def print_worker_logs(client: Client, ref: TasksetRef, why: str, lines: int = WORKER_LOG_TAIL) -> None:
     body = await client.get_json(f"/api/v1/tasksets/{ref.id}/worker_logs")
-    print(f"\ntaskset {ref.id} failed without a failing file; the end of each worker's log:", flush=True)
+    print(f"\ntaskset {ref.id} {why}; the end of each worker's log:", flush=True)
     for worker_log in body.get("worker_logs", []):
         print(f"{'-' * 10} worker {worker_log.get('worker_name')} {'-' * 10}")
         print("\n".join(str(worker_log.get("log") or "").splitlines()[-lines:]), flush=True)

@@ -239,6 +239,37 @@ def _children_of_data_dir(data_dir: Path) -> list[str]:
     return found
 
 
+async def test_files_not_run_after_the_slaves_kept_dying_are_explained(tmp_path: Path) -> None:
+    """Files whose tests end their slave use up a worker's slave failures; the files left over are not
+    run, and the report shows the worker's log saying why."""
+    project = tmp_path / "dying"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")
+    for name in ("test_crash_1.py", "test_crash_2.py"):
+        (project / name).write_text("import os\n\n\ndef test_x():\n    os._exit(3)\n")
+    for number in range(5):
+        (project / f"test_ok_{number}.py").write_text("def test_ok():\n    pass\n")
+    local = await asyncio.to_thread(
+        run_cli,
+        "local",
+        "--slaves",
+        "1",
+        "--data-dir",
+        str(tmp_path / "local-data"),
+        "--progress",
+        "plain",
+        cwd=project,
+        env=cli_env(),
+        timeout=240,
+    )
+    assert local.returncode == 1, local.stderr
+    summary = next(line for line in local.stdout.splitlines() if line.startswith("testfleet: taskset"))
+    not_run = re.search(r"(\d+) not run", summary)
+    assert not_run is not None and int(not_run[1]) >= 5, local.stdout  # the healthy files at least
+    assert f"with {not_run[1]} files not run; the end of each worker's log:" in local.stdout, local.stdout
+    assert "slave failure exits" in local.stdout, local.stdout
+
+
 async def test_local_runs_and_cleans_up(tmp_path: Path) -> None:
     project = copy_suite("every_outcome", tmp_path)
     data_dir = tmp_path / "local-data"
