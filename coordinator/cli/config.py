@@ -263,6 +263,29 @@ def resolve(
     values.setdefault("rsync_name", default_rsync_name(environ))
     values.setdefault("taskset_class", default_taskset_class(pyproject, project_dir))
     try:
-        return msgspec.convert(values, ClientSettings)
+        settings = msgspec.convert(values, ClientSettings)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid settings: {exc}") from exc
+    _check(settings)
+    return settings
+
+
+def _check(settings: ClientSettings) -> None:
+    """`ConfigError` for what would only fail later: text that is not UTF-8, a report file that cannot be."""
+    for name in settings.__struct_fields__:
+        value = getattr(settings, name)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"{name} is not valid UTF-8: {value!r}") from None
+    if settings.junit_xml:
+        path = Path(settings.project_dir) / settings.junit_xml
+        if path.is_dir():
+            raise ConfigError(f"--junit-xml: {path} is a directory")
+        if not path.parent.is_dir():
+            raise ConfigError(f"--junit-xml: the directory of {path} does not exist")
+    if settings.local_data_dir:
+        data_dir = Path(os.path.expanduser(settings.local_data_dir))
+        if data_dir.exists() and not data_dir.is_dir():
+            raise ConfigError(f"--data-dir: {data_dir} is not a directory")

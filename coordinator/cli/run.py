@@ -240,6 +240,10 @@ async def guarded(work: Callable[[], Awaitable[int]], on_interrupt: Callable[[],
     except ProtocolError as exc:
         say(f"the coordinator refused: {exc.message}")
         return EXIT_ERROR
+    except OSError as exc:
+        # A file or directory the command cannot use (a data directory where none can be made, say).
+        say(describe_os_error(exc))
+        return EXIT_ERROR
     except Exception:
         # Never exit 1 for a bug of ours: that code means a test failed.
         traceback.print_exc()
@@ -259,6 +263,14 @@ def quiet_logging() -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file operation: what failed, on which path."""
+    if exc.filename is None:
+        return str(exc)
+    target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+    return f"{exc.strerror or type(exc).__name__}: {target}"
 
 
 def settings_or_exit(args: argparse.Namespace) -> ClientSettings | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.cli.config import ALL_OPTIONS, ConfigError, add_options, add_project_dir, default_rsync_name, resolve
+from coordinator.cli.run import describe_os_error
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -91,3 +92,31 @@ def test_default_rsync_name_is_safe() -> None:
     assert default_rsync_name({"USER": "alice"}) == "alice"
     assert default_rsync_name({"USER": "../évil user"}) == "vil-user"
     assert default_rsync_name({"USER": ".."}) == "testfleet"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--junit-xml", "."), "is a directory"),
+        (("--junit-xml", "missing/report.xml"), "does not exist"),
+        (("--data-dir", "{root}/pyproject.toml"), "is not a directory"),
+        (("--setup", "make \udcff"), "setup is not valid UTF-8"),
+    ],
+)
+def test_settings_that_would_only_fail_later_are_refused_at_once(
+    tmp_path: Path, argv: tuple[str, ...], message: str
+) -> None:
+    root = project(tmp_path)
+    argv = tuple(arg.replace("{root}", str(root)) for arg in argv)
+    with pytest.raises(ConfigError, match=message):
+        resolve(parse("--project-dir", str(root), *argv), {"HOME": str(tmp_path)})
+
+
+def test_a_failed_file_operation_is_one_line() -> None:
+    assert describe_os_error(FileNotFoundError(2, "No such file or directory", "/proc/x")) == (
+        "No such file or directory: /proc/x"
+    )
+    assert describe_os_error(IsADirectoryError(21, "Is a directory", "/a.tmp", None, "/a")) == (
+        "Is a directory: /a.tmp -> /a"
+    )
+    assert describe_os_error(OSError("no file at all")) == "no file at all"
