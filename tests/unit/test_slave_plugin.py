@@ -761,3 +761,18 @@ def test_a_lone_surrogate_in_a_failure_message_is_kept_as_its_escape(tmp_path: P
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.counts("test_surrogate.py") == (TrialStatus.FAILED, 0, 0, 1)
     assert "bytes \\udcff here" in run.result("test_surrogate.py").stdout
+
+
+def test_a_file_whose_path_holds_brackets_is_collected_alone(tmp_path: Path) -> None:
+    """pytest refuses `[` in a path argument (it reads a parametrization): such a file is reached through
+    its directory, and only it is collected there."""
+    test = "import pytest\n\n\n@pytest.mark.parametrize('n', [1, 2, 3])\ndef test_n(n):\n    assert n != 3\n"
+    root = _write_project(tmp_path / "project", {"test_[top].py": test, "test_other.py": "def test_o():\n    pass\n"})
+    (root / "sub[1]").mkdir()
+    (root / "sub[1]" / "deep").mkdir()
+    (root / "sub[1]" / "deep" / "test_[x].py").write_text(test)
+    (root / "sub[1]" / "deep" / "test_sibling.py").write_text("def test_s():\n    assert 0\n")
+    run = run_slave(root, tmp_path, ["test_[top].py", "sub[1]/deep/test_[x].py"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.counts("test_[top].py") == (TrialStatus.FAILED, 2, 0, 1)
+    assert run.counts("sub[1]/deep/test_[x].py") == (TrialStatus.FAILED, 2, 0, 1)

@@ -30,6 +30,20 @@ HARD_TIMEOUT_EXIT: Final = 42
 REPORT_WAIT_S: Final = 5.0
 
 
+def collect_argument(spec_path: str) -> str:
+    """What to hand `perform_collect` for a spec path.
+
+    pytest reads `[...]` in an argument as a parametrization and refuses it in a path: a file whose path
+    holds a `[` is reached through its nearest directory without one (the targeted directory collectors,
+    given the file as the target, then enter only the way to it).
+    """
+    parts = spec_path.split("::", maxsplit=1)[0].split("/")
+    bracketed = next((i for i, part in enumerate(parts) if "[" in part), None)
+    if bracketed is None or "::" in spec_path:
+        return spec_path
+    return "/".join(parts[:bracketed]) or "."
+
+
 class _Stopped(BaseException):
     """SIGTERM while the slave waited for work."""
 
@@ -216,7 +230,7 @@ class SlaveSession:
         self._config.stash[TARGET] = target
         try:
             with self._interruptible():
-                items = session.perform_collect([task.spec_path])
+                items = session.perform_collect([collect_argument(task.spec_path)])
         except pytest.UsageError as exc:
             # After a failed collect report this only repeats that nothing was found.
             if not tally.load_error:
