@@ -120,6 +120,14 @@ async def submit(client: Client, settings: ClientSettings, paths: Sequence[str],
     """Discover, hash, time, create, sync and dispatch; the taskset's ref."""
     project = Path(settings.project_dir)
     spec_paths = await asyncio.to_thread(discover, paths, project)
+    shipped = set(await asyncio.to_thread(bundle.list_files, project))
+    unshipped = [p for p in spec_paths if p.split("::", 1)[0] not in shipped]
+    if unshipped:
+        # Ignored by git, so neither the bundle nor rsync takes them to the workers: they could only fail.
+        shown = ", ".join(unshipped[:5]) + (f" and {len(unshipped) - 5} more" if len(unshipped) > 5 else "")
+        say(f"left out {plural(len(unshipped), 'test file')} that git ignores (not sent to the workers): {shown}")
+        left_out = set(unshipped)
+        spec_paths = [p for p in spec_paths if p not in left_out]
     if not spec_paths:
         raise CliError(f"no test files found under {', '.join(paths) or project}")
     sha1s = await asyncio.to_thread(lambda: [sha1_of(project / p) for p in spec_paths])

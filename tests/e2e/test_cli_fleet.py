@@ -270,6 +270,24 @@ async def test_files_not_run_after_the_slaves_kept_dying_are_explained(tmp_path:
     assert "slave failure exits" in local.stdout, local.stdout
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+async def test_test_files_git_ignores_are_left_out_and_named(tmp_path: Path) -> None:
+    """They are not sent to the workers, so running them could only fail ("file not found")."""
+    project = tmp_path / "ignoring"
+    (project / "gen").mkdir(parents=True)
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / ".gitignore").write_text("gen/\n")
+    (project / "test_ok.py").write_text("def test_ok():\n    pass\n")
+    (project / "gen" / "test_generated.py").write_text("def test_generated():\n    pass\n")
+    subprocess.run(["git", "init", "-q", str(project)], check=True, capture_output=True)
+    local = await asyncio.to_thread(
+        run_cli, "local", "--data-dir", str(tmp_path / "local-data"), cwd=project, env=cli_env(), timeout=240
+    )
+    assert local.returncode == 0, local.stdout + local.stderr
+    assert "left out 1 test file that git ignores (not sent to the workers): gen/test_generated.py" in local.stderr
+    assert "1 file (1 passed, 0 pending, 0 failed)" in local.stdout
+
+
 async def test_local_runs_and_cleans_up(tmp_path: Path) -> None:
     project = copy_suite("every_outcome", tmp_path)
     data_dir = tmp_path / "local-data"
