@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Final, Protocol
 
+from coordinator.cli.report import plural
+from coordinator.core.states import FINISHED
+
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
@@ -73,8 +76,9 @@ def status_line(state: RunState, now: float) -> str:
         state.status,
     ]
     if state.failed_trials:
-        parts.insert(2, f"{state.failed_trials} retried")
-    if eta is not None:
+        # Attempts that failed, not retries: a file's last failed attempt is not retried.
+        parts.insert(2, f"{plural(state.failed_trials, 'failed attempt')}")
+    if eta is not None and state.status not in FINISHED:
         parts.append(f"ETA {format_duration(eta)}")
     return ", ".join(parts)
 
