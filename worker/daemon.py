@@ -14,7 +14,7 @@ import structlog
 from protocol.errors import Conflict, ProtocolError
 from protocol.messages import AssignTasksetParams, Params, TasksetRefParams
 from protocol.peer import Disconnected, Handler, Peer
-from protocol.types import TasksetRef, TrialRef, TrialStatus, WorkerLogRef
+from protocol.types import SlaveStatus, TasksetRef, TrialRef, TrialStatus, WorkerLogRef
 from worker.config import WORKER_ENV_VARS, WorkerSettings
 from worker.slaves import (
     PoolOutcome,
@@ -189,8 +189,21 @@ class TasksetRun:
         if ended.status is None:
             return
         assert self._worker_log is not None
-        how = "killed past its hard timeout" if ended.killed_trial_id is not None else f"exited with {ended.returncode}"
+        how = "killed past its hard timeout" if ended.killed_trial_id is not None else ended.how()
         self._worker_log.line(f"[testfleet] slave {ended.slot} ({ended.slave_name}) {how}")
+        running = ended.running
+        if running is not None and running.trial_id is not None and ended.status is not SlaveStatus.TIMEOUT_EXIT:
+            # Its file's trial says how the slave ended (force_finish_slave below would only give its status).
+            await self._report(
+                "finish_trial",
+                TrialRef(running.trial_id),
+                TrialStatus.ERROR,
+                "",
+                f"[testfleet: the slave {how} while it ran {running.spec_path}]\n",
+                None,
+                None,
+                None,
+            )
         if ended.killed_trial_id is not None:
             await self._report(
                 "finish_trial",

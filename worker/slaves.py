@@ -372,6 +372,18 @@ class SlaveExit(NamedTuple):
     killed_trial_id: int | None = None
     """The trial the worker killed the slave for (hard timeout)."""
     stack_dump: str = ""
+    running: SlaveState | None = None
+    """What its state file said it was running when it ended (its trial and file), if anything."""
+
+    def how(self) -> str:
+        """How the slave ended, in words: its exit code, or the signal that ended it."""
+        if self.returncode < 0:
+            try:
+                name = signal.Signals(-self.returncode).name
+            except ValueError:
+                name = f"signal {-self.returncode}"
+            return f"was killed by {name}"
+        return f"exited with {self.returncode}"
 
 
 class PoolOutcome(enum.StrEnum):
@@ -510,6 +522,7 @@ class SlavePool:
         name, child, state_file, dump_file = running
         trial_id = self._killed_for.pop(name, None)
         dump = ""
+        running_state = None if trial_id is not None else read_state(state_file)
         if child.hard_timeout_killed:
             with contextlib.suppress(OSError), dump_file.open("rb") as file:
                 dump = file.read(MAX_STACK_DUMP).decode("utf-8", errors="replace")
@@ -521,7 +534,7 @@ class SlavePool:
             # Gone within the grace after our TERM: the slave gave its file back and reported itself;
             # the `bash -ex` that ran its command dying of that TERM is no failure of the slave.
             status = None
-        return SlaveExit(slot, name, code, status, self._stopping, trial_id, dump)
+        return SlaveExit(slot, name, code, status, self._stopping, trial_id, dump, running_state)
 
     async def _watch_hard_timeouts(self) -> None:
         while True:

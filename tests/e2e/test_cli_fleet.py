@@ -268,6 +268,8 @@ async def test_files_not_run_after_the_slaves_kept_dying_are_explained(tmp_path:
     assert not_run is not None and int(not_run[1]) >= 5, local.stdout  # the healthy files at least
     assert f"with {not_run[1]} files not run; the end of each worker's log:" in local.stdout, local.stdout
     assert "slave failure exits" in local.stdout, local.stdout
+    # Each crashed attempt says how its slave ended, and on which file.
+    assert "[testfleet: the slave exited with 3 while it ran test_crash_1.py]" in local.stdout, local.stdout
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
