@@ -337,17 +337,33 @@ async def test_a_text_frame_that_is_not_utf8_closes_with_1007(database_url: str,
             assert await c.call("active_tasksets") == []
 
 
+async def trials_of(h: Harness, c: Client, files: int, trials: int) -> tuple[Any, list[Any]]:
+    """A taskset of `files` files, and one slave's trials of the first `trials` of them: (taskset, trials)."""
+    ref = await new_taskset(h, [task(f"t{i}.py") for i in range(files)])
+    slave = await c.call("create_slave", "s1", ref)
+    made = []
+    for _ in range(trials):
+        task_ref, *_ = await c.call("dequeue_task", ref)
+        made.append(await c.call("create_trial", task_ref, slave))
+    return ref, made
+
+
+def poisoned(writes: Any) -> Any:
+    """The writes with a result whose output is "poison" given a value the store refuses (a NUL)."""
+    return [
+        type(w)(w.query, (*w.args[:2], "\x00", *w.args[3:]))
+        if w.query == "finish_trial" and w.args[2] == "poison"
+        else w
+        for w in writes
+    ]
+
+
 async def test_a_value_the_store_refuses_fails_its_own_call_only(database_url: str, tmp_path: Path) -> None:
     """Calls committed together: when the store refuses one call's value, each call of the batch is tried
     again on its own, so the others succeed and only that call is refused (before, the whole batch failed,
     and the refused call's every retry took its next batch down with it)."""
     async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
-        ref = await new_taskset(h, [task(f"t{i}.py") for i in range(4)])
-        slave = await c.call("create_slave", "s1", ref)
-        trials = []
-        for _ in range(4):
-            task_ref, *_ = await c.call("dequeue_task", ref)
-            trials.append(await c.call("create_trial", task_ref, slave))
+        ref, trials = await trials_of(h, c, 4, 4)
         store = h.server.app[keys.COORDINATOR].store
         commit = store.commit
         release = asyncio.Event()
@@ -359,13 +375,7 @@ async def test_a_value_the_store_refuses_fails_its_own_call_only(database_url: s
             batches.append(finishes)
             if len(batches) == 1:
                 await release.wait()  # holds this commit, so the finishes below share the next one
-            writes = [
-                type(w)(w.query, (*w.args[:2], "\x00", *w.args[3:]))
-                if w.query == "finish_trial" and w.args[2] == "poison"
-                else w
-                for w in writes
-            ]
-            await commit(writes)
+            await commit(poisoned(writes))
 
         store.commit = poisoning
         try:
@@ -432,26 +442,11 @@ async def test_an_owner_whose_loop_a_bug_ends_starts_again(database_url: str, tm
         assert h.server.app[keys.COORDINATOR].owners[ref[1]] is owner
 
 
-def poisoned(writes: Any) -> Any:
-    """The writes with a result whose output is "poison" given a value the store refuses (a NUL)."""
-    return [
-        type(w)(w.query, (*w.args[:2], "\x00", *w.args[3:]))
-        if w.query == "finish_trial" and w.args[2] == "poison"
-        else w
-        for w in writes
-    ]
-
-
 async def test_a_refused_call_alone_in_its_commit_does_not_fail_the_batch_behind_it(
     database_url: str, tmp_path: Path
 ) -> None:
     async with running_coordinator(database_url, tmp_path) as h, h.client() as c, h.client() as c2:
-        ref = await new_taskset(h, [task(f"t{i}.py") for i in range(3)])
-        slave = await c.call("create_slave", "s1", ref)
-        trials = []
-        for _ in range(2):
-            task_ref, *_ = await c.call("dequeue_task", ref)
-            trials.append(await c.call("create_trial", task_ref, slave))
+        _, trials = await trials_of(h, c, 3, 2)
         store = h.server.app[keys.COORDINATOR].store
         commit = store.commit
         entered = asyncio.Event()
