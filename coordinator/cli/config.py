@@ -283,8 +283,6 @@ def _check(settings: ClientSettings) -> None:
         path = Path(settings.project_dir) / settings.junit_xml
         if path.is_dir():
             raise ConfigError(f"--junit-xml: {path} is a directory")
-        if not path.parent.is_dir():
-            raise ConfigError(f"--junit-xml: the directory of {path} does not exist")
     if settings.local_data_dir:
         data_dir = Path(os.path.expanduser(settings.local_data_dir))
         if data_dir.exists() and not data_dir.is_dir():
