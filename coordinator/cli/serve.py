@@ -14,12 +14,15 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
+import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
 
 from coordinator.runtime.coordinator import RuntimeSettings
+from coordinator.store.embedded import EmbeddedPostgresError
 from coordinator.transport.app import build_app
 from coordinator.transport.rpc import Tokens
 
@@ -54,12 +57,30 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"TESTFLEET_{name}", default)
 
 
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults from the environment stay text: argparse converts them as it converts a flag's value, so a
+    # bad one is a usage error of this command (naming its flag), not a crash of every command.
     def opt(flag: str, var: str, help_: str, **kw: object) -> None:
         parser.add_argument(flag, help=f"{help_} (env TESTFLEET_{var})", **kw)  # type: ignore[arg-type]
 
     opt("--host", "HOST", "address to listen on; 127.0.0.1 by default", default=env("HOST", "127.0.0.1"))
-    opt("--port", "PORT", "port to listen on; 0 picks a free one", type=int, default=int(env("PORT", "7878") or 7878))
+    opt("--port", "PORT", "port to listen on; 0 picks a free one", type=_port, default=env("PORT", "7878"))
     opt("--data-dir", "DATA_DIR", "where the embedded Postgres and bundles live", default=env("DATA_DIR"))
     opt(
         "--database-url",
@@ -81,17 +102,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--slave-grace-sec",
         "SLAVE_GRACE_SEC",
         "seconds a disconnected slave has to re-bind",
-        type=float,
-        default=float(env("SLAVE_GRACE_SEC", "15") or 15),
+        type=_seconds,
+        default=env("SLAVE_GRACE_SEC", "15"),
     )
     opt(
         "--heartbeat-sec",
         "HEARTBEAT_SEC",
         "a worker missing 3 heartbeats of this period is dropped",
-        type=float,
-        default=float(env("HEARTBEAT_SEC", "10") or 10),
+        type=_seconds,
+        default=env("HEARTBEAT_SEC", "10"),
     )
-    opt("--log-level", "LOG_LEVEL", "debug, info, warning or error", default=env("LOG_LEVEL", "info"))
+    opt(
+        "--log-level",
+        "LOG_LEVEL",
+        "debug, info, warning or error",
+        choices=("debug", "info", "warning", "error"),
+        default=env("LOG_LEVEL", "info"),
+    )
 
 
 def settings_from(args: argparse.Namespace) -> ServeSettings:
@@ -240,11 +267,26 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     tune_gc()
-    with contextlib.suppress(ImportError):
-        import uvloop
+    try:
+        with contextlib.suppress(ImportError):
+            import uvloop
 
-        return int(uvloop.run(serve(settings)))
-    return asyncio.run(serve(settings))
+            return int(uvloop.run(serve(settings)))
+        return asyncio.run(serve(settings))
+    except _STARTUP_FAILURES as exc:
+        # What keeps it from starting (the port is taken, the data directory is unusable or in use, the
+        # database cannot be reached): one line, not a traceback.
+        print(f"testfleet serve: cannot start: {_describe(exc)}", file=sys.stderr)
+        return 2
+
+
+_STARTUP_FAILURES: Final = (OSError, EmbeddedPostgresError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return str(exc) or type(exc).__name__
 
 
 def register(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:

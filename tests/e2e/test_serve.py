@@ -110,3 +110,55 @@ def test_serve_refuses_public_bind_with_open_roles(tmp_path: Path) -> None:
     )
     if os.geteuid() == 0:
         assert out.returncode == 2 and "/root" in out.stderr
+
+
+def serve_once(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--port", "99999"), "'99999' is not a port"),
+        (("--heartbeat-sec", "-1"), "'-1' is not a positive number of seconds"),
+        (("--log-level", "bogus"), "invalid choice: 'bogus'"),
+    ],
+)
+def test_serve_refuses_bad_settings_as_usage_errors(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    out = serve_once("serve", "--data-dir", str(tmp_path), *args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_bad_setting_in_the_environment_breaks_only_serve(tmp_path: Path) -> None:
+    """Before, it broke every command, `--help` included, with a traceback."""
+    env = {"TESTFLEET_PORT": "abc", "TESTFLEET_HEARTBEAT_SEC": "x"}
+    assert serve_once("--help", env=env).returncode == 0
+    out = serve_once("serve", "--data-dir", str(tmp_path), env=env)
+    assert out.returncode == 2 and "'abc' is not a port" in out.stderr, out.stderr
+
+
+def test_what_keeps_serve_from_starting_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        (("--data-dir", str(tmp_path / "a-file")), "cannot start: File exists"),
+        (("--data-dir", str(tmp_path / "d"), "--database-url", "notaurl"), "cannot start: invalid DSN"),
+    ]
+    for args, message in cases:
+        out = serve_once("serve", "--port", "0", *args)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr, out.stderr
+    taken, url = start_serve(tmp_path / "first")
+    try:
+        port = url.rsplit(":", 1)[1]
+        out = serve_once("serve", "--port", port, "--data-dir", str(tmp_path / "second"))
+        assert out.returncode == 2 and "cannot start" in out.stderr and "in use" in out.stderr, out.stderr
+    finally:
+        stop(taken)
