@@ -13,7 +13,7 @@ import structlog
 
 from protocol.errors import ProtocolError
 from worker.config import SettingsError, WorkerSettings, build_parser, notices, settings_from_namespace
-from worker.daemon import Daemon
+from worker.daemon import Daemon, make_work_dir
 from worker.slaves import become_subreaper
 
 
@@ -58,6 +58,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         parser.error(str(exc))
     configure_logging(settings.log_level)
+    try:
+        make_work_dir(settings.work_path)
+    except OSError as exc:
+        # Checked before anything connects: a worker that cannot work would otherwise take tasksets.
+        print(
+            f"testfleet worker: cannot use the work directory {settings.work_path}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
     for notice in notices(os.environ):
         structlog.get_logger("testfleet.worker").warning("worker_setting_ignored", detail=notice)
     return asyncio.run(serve(settings))

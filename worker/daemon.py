@@ -35,7 +35,7 @@ SHUTDOWN_CALL_TIMEOUT_S: Final = 5.0
 _CALL_ERRORS: Final = (ProtocolError, Disconnected, TimeoutError)
 
 
-def _make_work_dir(path: Path) -> None:
+def make_work_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
@@ -281,7 +281,7 @@ class Daemon:
 
     async def run(self, shutdown: asyncio.Event) -> None:
         """Serve until `shutdown` is set, then stop the running taskset's processes and disconnect."""
-        _make_work_dir(self.settings.work_path)
+        make_work_dir(self.settings.work_path)
         self._log.info("worker_starting", coordinator=self.settings.coordinator_url, slaves=self.settings.slaves)
         async with aiohttp.ClientSession() as session:
             self._session = session

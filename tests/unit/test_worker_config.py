@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +125,18 @@ def test_coordinators_grace_variable_is_not_the_workers() -> None:
     assert notices({**env, "TESTFLEET_WORKER_SLAVE_GRACE_SEC": "3"}) == []
     assert settings_from_args([], {**env, "TESTFLEET_WORKER_SLAVE_GRACE_SEC": "3"}).slave_grace_sec == 3.0
     assert notices({"TESTFLEET_COORDINATOR": "http://x"}) == []
+
+
+def test_a_work_directory_that_cannot_be_is_one_line_before_connecting(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    command = [sys.executable, "-m", "worker", "--coordinator", "http://127.0.0.1:9", "--token", "t"]
+    done = subprocess.run(
+        [*command, "--work-dir", str(tmp_path / "a-file")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"cannot use the work directory {tmp_path / 'a-file'}: File exists" in done.stderr
+    assert "Traceback" not in done.stderr
