@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
@@ -117,6 +117,11 @@ class TaskState:
     def running(self) -> list[TrialState]:
         return [trial for trial in self.trials if trial.status is None]
 
+    @property
+    def waiting(self) -> bool:
+        """Undecided, with no trial running: a task the queue holds unless it is leased."""
+        return self.status is None and not self.running
+
     def tried_by(self, slave_id: int | None) -> bool:
         return slave_id is not None and any(trial.slave_id == slave_id for trial in self.trials)
 
@@ -197,10 +202,16 @@ class TasksetModel:
     def fill_queue(self) -> None:
         """Queue every undecided task with no running trial: retried ones first, then longest expected first."""
         self._clear_queue()
-        waiting = [t for t in self.tasks.values() if t.status is None and not t.running and t.id not in self.leases]
+        waiting = [t for t in self.tasks.values() if t.waiting and t.id not in self.leases]
         waiting.sort(key=lambda t: (not t.trials, -t.expected_s, t.position))
         self.queue.extend(t.id for t in waiting)
         self.queued.update(t.id for t in waiting)
+
+    def hold_leases(self, held: Mapping[int, Hashable]) -> None:
+        """Take over leases from before the state was read back: those of tasks that still wait are kept, out
+        of the queue, so a slave about to create its trial does not see its file leased again."""
+        self.leases = {tid: holder for tid, holder in held.items() if tid in self.tasks and self.tasks[tid].waiting}
+        self.fill_queue()
 
     def queued_ids(self) -> list[int]:
         """The live queue, head first (stale and repeated deque entries left out)."""

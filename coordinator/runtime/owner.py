@@ -382,14 +382,10 @@ class Owner:
                 await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
                 continue
             if fresh is not None:
-                # Leases are not in the database: those still held are kept, and their tasks stay out of
-                # the queue, so that a slave about to create its trial does not see its file leased again.
-                # So are those ended by a `create_trial` that was lost with its batch, until it comes again (from
-                # the queue here, or as the peer's retry).
-                waiting = {task.id for task in fresh.tasks.values() if task.status is None and not task.running}
-                held = {**self._lost_leases, **self.model.leases}
-                fresh.leases = {tid: holder for tid, holder in held.items() if tid in waiting}
-                fresh.fill_queue()
+                # Leases are not in the database: those still held are kept, and so are those ended by a
+                # `create_trial` that was lost with its batch, until it comes again (from the queue here, or
+                # as the peer's retry).
+                fresh.hold_leases({**self._lost_leases, **self.model.leases})
                 self.model.__dict__.update(fresh.__dict__)
             self._lost_leases.clear()
             self._stale = False
