@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from typing import Annotated, Any, Final, NamedTuple
 
 from msgspec import Meta, Struct
@@ -29,6 +30,17 @@ from protocol.types import (
 )
 
 RsyncName = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._@+-]*(?!\n)$")]
+
+
+def rsync_name_stem(rsync_name: str) -> str:
+    """What names the files and trees of an rsync_name on disk: the name itself, or for one too long to take
+    suffixes within a file name's 255 bytes, its head and a hash (`~` is in no rsync_name, so no short name
+    has the same stem)."""
+    if len(rsync_name) <= 200:
+        return rsync_name
+    return f"{rsync_name[:100]}~{hashlib.sha256(rsync_name.encode()).hexdigest()}"
+
+
 Output = Annotated[str, Meta(max_length=64 * 1024 * 1024)]
 
 

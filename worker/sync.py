@@ -18,6 +18,7 @@ from typing import Final, TypeVar
 import aiohttp
 import structlog
 
+from protocol.messages import rsync_name_stem
 from worker.slaves import LineSink, run_command
 
 RSYNC_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@+-]*$")
@@ -94,16 +95,8 @@ def _check_member(member: tarfile.TarInfo) -> None:
             raise UnsafeBundle(f"refusing bundle member {member.name!r}: a link to an absolute path")
 
 
-def _scratch_stem(target: Path) -> str:
-    """What names the scratch trees beside `target`: a file name holds at most 255 bytes, an rsync_name 255."""
-    name = target.name
-    if len(name) <= 200:
-        return name
-    return f"{name[:100]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
-
-
-def _clear_leftovers(target: Path) -> None:
-    for stale in target.parent.glob(f".{_scratch_stem(target)}.*-*"):
+def _clear_leftovers(target: Path, stem: str) -> None:
+    for stale in target.parent.glob(f".{stem}.*-*"):
         _remove(stale)
 
 
@@ -121,8 +114,9 @@ def unpack_bundle(archive: Path, target: Path) -> None:
     filter backs up the explicit checks); on any error `target` is left as it was.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    _clear_leftovers(target)
-    fresh = Path(tempfile.mkdtemp(prefix=f".{_scratch_stem(target)}.new-", dir=target.parent))
+    stem = rsync_name_stem(target.name)  # the scratch trees beside it have names a file system takes
+    _clear_leftovers(target, stem)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{stem}.new-", dir=target.parent))
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
@@ -130,7 +124,7 @@ def unpack_bundle(archive: Path, target: Path) -> None:
                 _check_member(member)
             tar.extractall(fresh, members=members, filter="data")
         fresh.chmod(0o755)
-        old = target.parent / f".{_scratch_stem(target)}.old-{secrets.token_hex(4)}"
+        old = target.parent / f".{stem}.old-{secrets.token_hex(4)}"
         if target.exists() or target.is_symlink():
             target.rename(old)
         fresh.rename(target)

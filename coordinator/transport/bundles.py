@@ -15,11 +15,9 @@ from aiohttp import web
 
 from coordinator.transport import keys
 from coordinator.transport.rpc import Tokens, presented_token
-from protocol.messages import Role
+from protocol.messages import Role, rsync_name_stem
 
 RSYNC_NAME: Final = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._@+-]{0,254}\Z")
-# A file name holds at most 255 bytes: a longer rsync_name's files are named by its head and a hash.
-MAX_STEM: Final = 200
 MAX_BUNDLE_BYTES: Final = 2 * 1024**3
 CHUNK: Final = 256 * 1024
 
@@ -32,27 +30,19 @@ class Bundles:
         self.max_bytes = max_bytes
         directory.mkdir(parents=True, exist_ok=True)
 
-    @staticmethod
-    def stem(rsync_name: str) -> str:
-        """The name of `rsync_name`'s files (without suffix): the name itself unless it is too long."""
-        if len(rsync_name) <= MAX_STEM:
-            return rsync_name
-        # `~` is not in an rsync_name, so no short name has the same stem.
-        return f"{rsync_name[:100]}~{hashlib.sha256(rsync_name.encode()).hexdigest()}"
-
     def path(self, rsync_name: str) -> Path:
-        return self.directory / f"{self.stem(rsync_name)}.tar.gz"
+        return self.directory / f"{rsync_name_stem(rsync_name)}.tar.gz"
 
     def publish(self, rsync_name: str, upload: Path, sha: str) -> None:
         """Make an upload the bundle of `rsync_name`: the file first, then the marker that names it."""
         os.replace(upload, self.path(rsync_name))
-        stem = self.stem(rsync_name)
+        stem = rsync_name_stem(rsync_name)
         marker_tmp = self.directory / f".{stem}.sha256.part"
         marker_tmp.write_text(sha)
         os.replace(marker_tmp, self.directory / f"{stem}.sha256")
 
     def sha256(self, rsync_name: str) -> str | None:
-        marker = self.directory / f"{self.stem(rsync_name)}.sha256"
+        marker = self.directory / f"{rsync_name_stem(rsync_name)}.sha256"
         try:
             return marker.read_text().strip() or None
         except FileNotFoundError:
@@ -86,7 +76,7 @@ async def put_bundle(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": f"a bundle may have at most {bundles.max_bytes} bytes"}, status=413)
     digest = hashlib.sha256()
     size = 0
-    fd, tmp_name = tempfile.mkstemp(dir=bundles.directory, prefix=f".{bundles.stem(name)}.", suffix=".part")
+    fd, tmp_name = tempfile.mkstemp(dir=bundles.directory, prefix=f".{rsync_name_stem(name)}.", suffix=".part")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:

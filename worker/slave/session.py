@@ -37,11 +37,11 @@ def collect_argument(spec_path: str) -> str:
     holds a `[` is reached through its nearest directory without one (the targeted directory collectors,
     given the file as the target, then enter only the way to it).
     """
-    parts = spec_path.split("::", maxsplit=1)[0].split("/")
-    bracketed = next((i for i, part in enumerate(parts) if "[" in part), None)
-    if bracketed is None or "::" in spec_path:
+    if "::" in spec_path:
         return spec_path
-    return "/".join(parts[:bracketed]) or "."
+    parts = spec_path.split("/")
+    bracketed = next((i for i, part in enumerate(parts) if "[" in part), None)
+    return spec_path if bracketed is None else "/".join(parts[:bracketed]) or "."
 
 
 class _Stopped(BaseException):
