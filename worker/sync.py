@@ -176,11 +176,16 @@ async def download_bundle(
             raise SyncError(f"GET {url} answered {response.status}")
         fd, name = tempfile.mkstemp(prefix=".bundle-", suffix=".tar.gz", dir=into)
         digest = hashlib.sha256()
+        write: asyncio.Future[None] | None = None
         try:
             async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK):
                 digest.update(chunk)
-                await asyncio.to_thread(_write_all, fd, chunk)
+                write = asyncio.ensure_future(asyncio.to_thread(_write_all, fd, chunk))
+                await asyncio.shield(write)
         except BaseException:
+            if write is not None and not write.done():
+                # The thread may be writing to fd: closing it now could hand its number to another file.
+                await asyncio.wait({write})
             os.close(fd)
             os.unlink(name)
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -236,6 +237,57 @@ async def test_bundles_round_trip(database_url: str, tmp_path: Path) -> None:
                 h.server.make_url(f"/api/v1/bundles/{name}"), headers={"Authorization": "Bearer w"}
             ) as resp:
                 assert resp.status == 200 and await resp.read() == name.encode()
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """The paths under `directory` that this process holds open."""
+    names = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(directory)):
+            names.append(target)
+    return names
+
+
+async def test_a_cut_off_download_or_upload_leaves_no_file_behind(database_url: str, tmp_path: Path) -> None:
+    """A worker that goes away mid-download leaves no bundle open; a client that does mid-upload, no part file."""
+    tokens = Tokens(client="c", worker="w")
+    body = os.urandom(1024 * 1024) * 32
+    async with running_coordinator(database_url, tmp_path, tokens=tokens) as h:
+        url = h.server.make_url("/api/v1/bundles/big")
+        async with h.session.put(url, data=io.BytesIO(body), headers={"Authorization": "Bearer c"}) as resp:
+            assert resp.status == 200
+        bundles = tmp_path / "bundles"
+        for _ in range(3):
+            resp = await h.session.get(url, headers={"Authorization": "Bearer w"})
+            assert resp.status == 200
+            assert len(await resp.content.readexactly(65536)) == 65536
+            assert open_files_under(bundles), "the download should be under way"
+            resp.close()
+            for _ in range(100):
+                if not open_files_under(bundles):
+                    break
+                await asyncio.sleep(0.05)
+            assert open_files_under(bundles) == []
+
+        async def half_then_stop() -> AsyncIterator[bytes]:
+            yield body[: 4 * 1024 * 1024]
+            raise ConnectionResetError("the client went away")
+
+        with pytest.raises(aiohttp.ClientError):
+            async with h.session.put(
+                h.server.make_url("/api/v1/bundles/cut"), data=half_then_stop(), headers={"Authorization": "Bearer c"}
+            ):
+                pass
+        for _ in range(100):
+            if not list(bundles.glob(".cut.*")) and not open_files_under(bundles):
+                break
+            await asyncio.sleep(0.05)
+        assert list(bundles.glob(".cut.*")) == [] and open_files_under(bundles) == []
+        assert sorted(p.name for p in bundles.iterdir()) == ["big.sha256", "big.tar.gz"]
 
 
 async def test_rpc_reads_a_large_body_to_its_end(database_url: str, tmp_path: Path) -> None:
