@@ -264,6 +264,10 @@ class TasksetCreated(Params, frozen=True):
 # -- the tables ---------------------------------------------------------------------
 
 
+CLOSE_REPLACED: Final = 4001
+"""The WebSocket close code of a worker's connection when another connection registers its name."""
+
+
 class Role(enum.StrEnum):
     VIEWER = "viewer"
     CLIENT = "client"

@@ -36,7 +36,7 @@ from protocol.codec import (
     lookup,
 )
 from protocol.errors import InternalError, InvalidParams, MethodNotFound, ProtocolError, Unauthorized
-from protocol.messages import COORDINATOR_METHODS, NOTIFICATIONS, WORKER_METHODS, MethodSpec, Params
+from protocol.messages import CLOSE_REPLACED, COORDINATOR_METHODS, NOTIFICATIONS, WORKER_METHODS, MethodSpec, Params
 
 HEARTBEAT_S: Final = 10.0
 """Ping interval; a pong missing for half of it drops the connection."""
@@ -44,6 +44,11 @@ ATTEMPT_TIMEOUT_S: Final = 10.0
 """Upper bound on one connection attempt (TCP, TLS and the upgrade)."""
 CLOSE_TIMEOUT_S: Final = 2.0
 """How long closing waits for the other side's close frame."""
+_ENDS: Final = frozenset(
+    {aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR}
+)
+RETRIED_CLIENT_ERRORS: Final = frozenset({408, 425, 429})
+"""The 4xx answers to an upgrade that may change on their own (timeout, too early, too many requests)."""
 
 Handler = Callable[[Params], Awaitable[Any]]
 
@@ -70,6 +75,11 @@ def ws_url(url: str) -> str:
 class _Connection:
     ws: aiohttp.ClientWebSocketResponse
     number: int
+    close_message: str = ""
+    """The reason in the server's close frame, once one came."""
+
+    def ws_close_reason(self) -> str:
+        return f"the coordinator closed the connection: {self.close_message or 'no reason given'}"
 
 
 @dataclass(eq=False)
@@ -134,6 +144,8 @@ class Peer:
         self._ids = itertools.count(1)
         self._connections = itertools.count(1)
         self._last_error = "no attempt yet"
+        self.ended_by_server: str | None = None
+        """Why the coordinator ended this peer for good (a close that a reconnect would not undo)."""
         self._closing = False
         self._ended = asyncio.Event()
 
@@ -281,6 +293,10 @@ class Peer:
                 conn = await self._open()
                 if conn is not None:
                     bound_for = await self._serve(conn)
+                    if conn.ws.close_code == CLOSE_REPLACED:
+                        self.ended_by_server = conn.ws_close_reason()
+                        self._log.error("peer_replaced", reason=self.ended_by_server)
+                        break
                     if bound_for is not None and not self._reconnect:
                         break
                     if bound_for is not None and bound_for >= self._max_backoff:
@@ -297,7 +313,7 @@ class Peer:
             else:
                 self._first_bound.set_exception(exc)
         if not self._closing:
-            await self._end("the connection dropped and the peer does not reconnect")
+            await self._end(self.ended_by_server or "the connection dropped and the peer does not reconnect")
 
     def _backoff(self, failures: int) -> float:
         ceiling = min(self._max_backoff, self._min_backoff * 2 ** min(failures - 1, 32))
@@ -325,6 +341,12 @@ class Peer:
                 self._log.warning("peer_unauthorized", status=exc.status)
                 if first:
                     raise Unauthorized(f"{self._url} refused the token (HTTP {exc.status})") from exc
+            elif 400 <= exc.status < 500 and exc.status not in RETRIED_CLIENT_ERRORS:
+                # A wrong path, or a server that is not a coordinator: waiting would not change the answer.
+                self._last_error = f"{self._url} is not a coordinator's WebSocket endpoint (HTTP {exc.status})"
+                if first:
+                    raise ProtocolError(self._last_error) from exc
+                self._log.warning("peer_connect_failed", error=self._last_error)
             else:
                 self._log.info("peer_connect_failed", error=self._last_error)
             return None
@@ -443,12 +465,15 @@ class Peer:
     async def _read(self, conn: _Connection) -> None:
         """Hand every frame of one connection to its dispatcher until the connection closes."""
         try:
-            async for message in conn.ws:
+            while True:
+                message = await conn.ws.receive()
                 if message.type is aiohttp.WSMsgType.TEXT:
                     self._dispatch(conn, message.data.encode())
                 elif message.type is aiohttp.WSMsgType.BINARY:
                     self._dispatch(conn, message.data)
-                elif message.type is aiohttp.WSMsgType.ERROR:
+                elif message.type in _ENDS:
+                    if message.type is aiohttp.WSMsgType.CLOSE and isinstance(message.extra, str):
+                        conn.close_message = message.extra
                     break
         except Exception as exc:
             self._log.warning("peer_read_failed", connection=conn.number, error=repr(exc))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,6 +38,17 @@ _CALL_ERRORS: Final = (ProtocolError, Disconnected, TimeoutError)
 
 def make_work_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+async def _first_of(*waits: Awaitable[object]) -> None:
+    """Return when the first of `waits` is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _reap_remaining_orphans() -> None:
@@ -290,7 +302,7 @@ class Daemon:
                 background.append(asyncio.create_task(self._reap_loop(), name="reaper"))
             try:
                 if await self._start_peer(shutdown):
-                    await shutdown.wait()
+                    await _first_of(shutdown.wait(), self._peer.wait_closed())
             finally:
                 self._shutting_down = True
                 self._log.info("worker_stopping")
@@ -305,6 +317,11 @@ class Daemon:
                     await _reap_remaining_orphans()
                 await self._peer.close()
         self._log.info("worker_stopped")
+        if self._peer.ended_by_server is not None:
+            raise ProtocolError(
+                f"{self._peer.ended_by_server}; another worker registered as {self.settings.name!r}"
+                " (each worker needs its own --name)"
+            )
 
     async def _start_peer(self, shutdown: asyncio.Event) -> bool:
         start = asyncio.create_task(self._peer.start(), name="peer-start")

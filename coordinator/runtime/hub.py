@@ -83,6 +83,8 @@ class Connection:
         self.taskset_ids: set[int] = set()
         self.worker_name: str | None = None
         self.closed = False
+        self.close_code = 1008
+        self.close_reason = "outbox full"
         self.on_close: Callable[[], None] | None = None
         # Called when a frame is queued: the transport starts its writer on the first one, so a connection
         # that is only ever answered (most slaves) costs no writer task.
@@ -113,10 +115,13 @@ class Connection:
         if self.on_queued is not None:
             self.on_queued()
 
-    def close(self) -> None:
+    def close(self, code: int | None = None, reason: str = "") -> None:
+        """Close it; the socket is closed with `code` and `reason` when given (1008, outbox full, if not)."""
         if self.closed:
             return
         self.closed = True
+        if code is not None:
+            self.close_code, self.close_reason = code, reason
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionGone(f"connection {self.id} closed"))

@@ -14,6 +14,7 @@ from coordinator.core.states import DISPATCHED
 from coordinator.runtime.hub import Connection, ConnectionGone
 from protocol import messages as m
 from protocol.codec import decode_result
+from protocol.messages import CLOSE_REPLACED
 from protocol.types import TasksetRef
 
 if TYPE_CHECKING:
@@ -68,9 +69,10 @@ class Workers:
             now = loop.time()
             for worker in list(self.by_name.values()):
                 if now - worker.last_seen > self.expiry_s:
-                    log.warning("worker_silent", worker=worker.name, silent_s=round(now - worker.last_seen, 1))
+                    silent_s = round(now - worker.last_seen, 1)
+                    log.warning("worker_silent", worker=worker.name, silent_s=silent_s)
                     self._drop(worker)
-                    worker.conn.close()
+                    worker.conn.close(1008, f"no current_taskset for {silent_s} s")
 
     # -- registration ------------------------------------------------------------
 
@@ -79,9 +81,11 @@ class Workers:
         now = asyncio.get_running_loop().time()
         worker = self.by_name.get(name)
         if worker is not None and worker.conn is not conn:
-            # The same worker on a new connection: the old one is stale.
+            # The same worker on a new connection: the old one is stale, or a second worker took its name.
+            # The close code tells a worker still reading the old connection which it was.
             if not worker.conn.closed:
-                worker.conn.close()
+                log.warning("worker_replaced", worker=name, old_connection=worker.conn.id, new_connection=conn.id)
+                worker.conn.close(CLOSE_REPLACED, f"worker {name} registered on another connection")
             worker = None
         if worker is None:
             worker = Worker(name, worker_type, conn, None, now)

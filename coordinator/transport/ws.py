@@ -21,6 +21,7 @@ log = structlog.get_logger("testfleet.ws")
 MAX_INFLIGHT = 1024
 WAITING_METHODS = frozenset({"dequeue_task"})
 FINISH_ON_CLOSE_S = 10.0
+MAX_CLOSE_REASON_BYTES = 123
 
 
 async def ws_view(request: web.Request) -> web.StreamResponse:
@@ -63,7 +64,9 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
 
     def close_socket() -> None:
         if not ws.closed:
-            coordinator.spawn(ws.close(code=1008, message=b"outbox full"), f"close-{conn.id}")
+            # A close frame's reason is at most 123 bytes of UTF-8: cut at a character's boundary.
+            message = conn.close_reason.encode()[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore").encode()
+            coordinator.spawn(ws.close(code=conn.close_code, message=message), f"close-{conn.id}")
 
     conn.on_close = close_socket
     writer_task: asyncio.Task[None] | None = None

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from coordinator.runtime.coordinator import RuntimeSettings
+from coordinator.transport import keys
+from protocol.errors import ProtocolError
 from tests.integration.coord import Client, new_taskset, running_coordinator, task
+from tests.integration.test_worker_daemon import settings as worker_settings
+from worker.daemon import Daemon
 
 
 async def register(c: Client, name: str, worker_type: str = "default", ref: list[object] | None = None) -> None:
     await c.call("current_taskset", name, worker_type, ref)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
 
 
 async def test_dispatch_respects_max_workers_and_worker_type(database_url: str, tmp_path: Path) -> None:
@@ -107,3 +120,35 @@ async def test_query_taskset_answer_wins_over_claim(database_url: str, tmp_path:
         request = await w.next_request("assign_taskset", timeout=5)
         assert request["params"][0] == ref
         await w.answer(request, None)
+
+
+async def test_a_second_worker_with_the_same_name_takes_it_and_the_first_stops(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The newer connection keeps the name (a reconnect must); the older worker is told why and exits, rather
+    than the two replacing each other at every heartbeat."""
+    async with running_coordinator(database_url, tmp_path) as h:
+        base = h.url
+        first_stop, second_stop = asyncio.Event(), asyncio.Event()
+        first = asyncio.create_task(Daemon(worker_settings(base, tmp_path / "a")).run(first_stop))
+        await until(lambda: len(h.server.app[keys.COORDINATOR].workers.by_name) == 1)
+        second = asyncio.create_task(Daemon(worker_settings(base, tmp_path / "b")).run(second_stop))
+        with pytest.raises(ProtocolError, match=r"another worker registered as 'w1' \(each worker needs its own"):
+            await asyncio.wait_for(first, 30)
+        await asyncio.sleep(1.0)  # five heartbeats of the one left
+        assert not second.done()
+        assert [x[0] for x in await h.call("active_workers")] == ["w1"]
+        assert h.server.app[keys.COORDINATOR].workers.by_name["w1"].conn.closed is False
+        second_stop.set()
+        await asyncio.wait_for(second, 30)
+
+
+async def test_the_older_connection_of_a_name_is_closed_with_4001(database_url: str, tmp_path: Path) -> None:
+    name = "é" * 200  # its close reason is cut to 123 bytes at a character's boundary
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as older, h.client() as newer:
+        await register(older, name)
+        await register(newer, name)
+        await until(lambda: older.ws.closed)
+        assert older.ws.close_code == 4001
+        await register(newer, name)
+        assert [x[0] for x in await h.call("active_workers")] == [name]

@@ -615,6 +615,40 @@ async def test_a_server_without_the_msgpack_subprotocol_fails_start() -> None:
         await within(peer.wait_closed())
 
 
+async def test_an_address_that_is_not_a_coordinator_fails_start_at_once() -> None:
+    """A 404 to the upgrade (a wrong path, another server) does not change by waiting; a 503 might."""
+    async with fake_coordinator() as fake:
+        peer = Peer(fake.url + "elsewhere", connect_timeout=60)
+        started_at = time.monotonic()
+        with pytest.raises(ProtocolError, match=r"not a coordinator's WebSocket endpoint \(HTTP 404\)"):
+            await within(peer.start())
+        assert time.monotonic() - started_at < STEP_S
+        await within(peer.wait_closed())
+        assert fake.links == []
+
+    answers = [503, 429]
+    fake = FakeCoordinator()
+
+    async def busy_then_open(request: web.Request) -> web.StreamResponse:
+        if answers:
+            return web.Response(status=answers.pop(0))
+        return await fake.handle(request)
+
+    app = web.Application()
+    app.router.add_get("/ws", busy_then_open)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        peer = Peer(str(server.make_url("/")), connect_timeout=STEP_S, min_backoff=0.01, max_backoff=0.05)
+        await within(peer.start())
+        assert answers == [] and len(fake.links) == 1
+        await peer.close()
+    finally:
+        for link in fake.links:
+            await link.ws.close()
+        await server.close()
+
+
 async def test_a_refused_token_fails_start() -> None:
     async with fake_coordinator(token="right") as fake:
         peer = Peer(fake.url, token="wrong", connect_timeout=STEP_S)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,4 +141,32 @@ def test_a_work_directory_that_cannot_be_is_one_line_before_connecting(tmp_path:
     )
     assert done.returncode == 2, done.stderr
     assert f"cannot use the work directory {tmp_path / 'a-file'}: File exists" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_worker_pointed_at_something_else_than_a_coordinator_says_so_and_exits(tmp_path: Path) -> None:
+    """An HTTP server that answers 404 to the upgrade: one error line and exit 1, not retries forever."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with socket.socket() as attempt:
+                if attempt.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        command = [sys.executable, "-m", "worker", "--coordinator", f"http://127.0.0.1:{port}", "--token", "t"]
+        done = subprocess.run(
+            [*command, "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, timeout=60, check=False
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert done.returncode == 1, done.stderr
+    assert "not a coordinator's WebSocket endpoint (HTTP 404)" in done.stderr
     assert "Traceback" not in done.stderr
