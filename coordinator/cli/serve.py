@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "INSECURE",
         "listen on a public address even with open roles",
         action="store_true",
-        default=(env("INSECURE", "") or "").lower() in ("1", "true", "yes"),
+        default=env("INSECURE"),  # text until settings_from reads it: a bad value is this command's usage error
     )
     opt(
         "--slave-grace-sec",
@@ -121,16 +121,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS: Final = frozenset({"", "0", "false", "no", "off"})
+
+
+class UsageError(ValueError):
+    """A setting `serve` cannot take; said in one line, exit 2."""
+
+
+def _switch(value: bool | str | None, variable: str) -> bool:
+    """A flag's value: True when given, else its variable's word."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    word = value.strip().lower()
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise UsageError(f"{variable} must be 1, true, yes or on (or 0, false, no, off or empty), not {value!r}")
+    return word in TRUE_WORDS
+
+
+def _token(value: str | None) -> str | None:
+    """An empty token is no token: the role is open, as the public-bind check already counted it."""
+    return value or None
+
+
 def settings_from(args: argparse.Namespace) -> ServeSettings:
+    """The settings of the parsed command line; `UsageError` for a value argparse could not check."""
     return ServeSettings(
         host=args.host,
         port=args.port,
         data_dir=args.data_dir or default_data_dir(),
         database_url=args.database_url,
-        client_token=args.client_token,
-        worker_token=args.worker_token,
-        viewer_token=args.viewer_token,
-        insecure=args.insecure,
+        client_token=_token(args.client_token),
+        worker_token=_token(args.worker_token),
+        viewer_token=_token(args.viewer_token),
+        insecure=_switch(args.insecure, "TESTFLEET_INSECURE"),
         slave_grace_sec=args.slave_grace_sec,
         heartbeat_sec=args.heartbeat_sec,
         log_level=args.log_level,
@@ -243,9 +267,33 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 10)
 
 
+def shared_tokens(settings: ServeSettings) -> list[list[str]]:
+    """The roles that share one token, in groups: a peer presenting it acts in each of them."""
+    by_token: dict[str, list[str]] = {}
+    for role, token in (
+        ("client", settings.client_token),
+        ("worker", settings.worker_token),
+        ("viewer", settings.viewer_token),
+    ):
+        if token is not None:
+            by_token.setdefault(token, []).append(role)
+    return [roles for roles in by_token.values() if len(roles) > 1]
+
+
 def run(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
+    try:
+        settings = settings_from(args)
+    except UsageError as exc:
+        print(f"testfleet serve: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level)
+    for roles in shared_tokens(settings):
+        # Allowed (a small setup may want one token), but each role exists to keep the others' powers apart.
+        structlog.get_logger("testfleet.serve").warning(
+            "token_shared",
+            roles=roles,
+            note=f"one token opens the {' and '.join(roles)} roles; a peer that has it acts in each",
+        )
     if not is_loopback(settings.host) and not settings.insecure:
         open_roles = [r for r, t in (("client", settings.client_token), ("worker", settings.worker_token)) if not t]
         if open_roles:

@@ -162,3 +162,32 @@ def test_what_keeps_serve_from_starting_is_one_line(tmp_path: Path) -> None:
         assert out.returncode == 2 and "cannot start" in out.stderr and "in use" in out.stderr, out.stderr
     finally:
         stop(taken)
+
+
+def test_a_switch_in_the_environment_is_a_word_serve_knows(tmp_path: Path) -> None:
+    """`TESTFLEET_INSECURE=maybe` was read as false without a word; now it is a usage error."""
+    out = serve_once("serve", "--data-dir", str(tmp_path), env={"TESTFLEET_INSECURE": "maybe"})
+    assert out.returncode == 2 and "TESTFLEET_INSECURE must be 1, true, yes or on" in out.stderr, out.stderr
+    assert "'maybe'" in out.stderr and "Traceback" not in out.stderr
+    # A known word counts: "off" keeps the public-bind check, "on" passes it (and then the start fails on
+    # the data directory, a file, before anything listens).
+    (tmp_path / "a-file").write_text("")
+    public = ("serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "a-file"))
+    out = serve_once(*public, env={"TESTFLEET_INSECURE": "off"})
+    assert out.returncode == 2 and "refusing to listen on 0.0.0.0" in out.stderr, out.stderr
+    out = serve_once(*public, env={"TESTFLEET_INSECURE": "On"})
+    assert out.returncode == 2 and "cannot start: File exists" in out.stderr, out.stderr
+
+
+def test_roles_sharing_a_token_are_named_and_an_empty_token_is_none(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    args = ("serve", "--data-dir", str(tmp_path / "a-file"), "--client-token", "same", "--worker-token", "same")
+    out = serve_once(*args)
+    assert "token_shared" in out.stderr and "client and worker roles" in out.stderr, out.stderr
+    out = serve_once("serve", "--data-dir", str(tmp_path / "a-file"), "--client-token", "a", "--worker-token", "b")
+    assert "token_shared" not in out.stderr, out.stderr
+    # An empty token leaves its role open, which a public address refuses, as it refuses no token at all.
+    out = serve_once(
+        "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path), "--client-token", "", "--worker-token", "w"
+    )
+    assert out.returncode == 2 and "the client role(s) have no token" in out.stderr, out.stderr
