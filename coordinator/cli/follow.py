@@ -15,6 +15,7 @@ from typing import Any, Final
 from coordinator.cli.client import Client, CoordinatorUnavailable
 from coordinator.cli.progress import Display, RunState
 from protocol.messages import (
+    ActiveWorker,
     Params,
     TasksetSummary,
     TasksetUpdated,
@@ -29,6 +30,8 @@ FINISHED: Final = frozenset({TasksetStatus.SUCCEEDED, TasksetStatus.FAILED, Task
 RESYNC_EVERY_S: Final = 10.0
 TICK_S: Final = 0.5
 CONNECT_TIMEOUT_S: Final = 30.0
+WHY_WAITING_EVERY_S: Final = 5.0
+"""How long a taskset waits for its first worker before the client asks why, and then how often."""
 FAILED_TRIAL_STATUSES: Final = frozenset({"failed", "error", "timeout"})
 
 
@@ -46,6 +49,8 @@ class Follower:
         self._failed_seen: set[int] = set()
         self._failed_trials: set[int] = set()
         self._peer: Peer | None = None
+        self.worker_type: str | None = None
+        self._why_waiting: str | None = None
 
     # -- what the coordinator tells -----------------------------------------------------
 
@@ -104,6 +109,31 @@ class Follower:
         body = await self.client.get_json(f"/api/v1/tasksets/{self.ref.id}/tasks")
         self.paths = {int(task["id"]): str(task["spec_path"]) for task in body["tasks"]}
         self.state.task_count = len(self.paths)
+        taskset = await self.client.get_json(f"/api/v1/tasksets/{self.ref.id}")
+        self.worker_type = str(taskset["worker_type"])
+
+    def why_waiting(self, workers: list[ActiveWorker]) -> str | None:
+        """What keeps a dispatched taskset from its first worker, when the live workers tell."""
+        of_type = [worker for worker in workers if worker.worker_type == self.worker_type]
+        if not of_type:
+            return (
+                f"testfleet: no worker of type {self.worker_type!r} is connected to the coordinator; "
+                "the taskset waits for one"
+            )
+        if all(worker.taskset_ref is not None and worker.taskset_ref.id != self.ref.id for worker in of_type):
+            who = (
+                f"the {len(of_type)} workers of type {self.worker_type!r} are"
+                if len(of_type) > 1
+                else (f"the one worker of type {self.worker_type!r} is")
+            )
+            return f"testfleet: {who} busy with other tasksets; the taskset waits"
+        return None
+
+    async def _say_why_waiting(self, peer: Peer) -> None:
+        why = self.why_waiting(await peer.call("active_workers", timeout=WHY_WAITING_EVERY_S))
+        if why is not None and why != self._why_waiting and self.state.status == TasksetStatus.WAITING:
+            self.display.note(why)
+        self._why_waiting = why
 
     async def wait(self) -> TasksetStatus:
         """Follow the taskset until it is finished; `CoordinatorUnavailable` when the coordinator stays away."""
@@ -127,7 +157,7 @@ class Follower:
             await peer.close()
 
     async def _watch(self, peer: Peer) -> TasksetStatus:
-        last_resync = time.monotonic()
+        last_resync = last_asked = time.monotonic()
         lost_since: float | None = None
         while not self.finished.is_set():
             self.display.refresh(self.state)
@@ -146,6 +176,10 @@ class Follower:
             if lost_since is not None:
                 self.display.note(f"testfleet: reconnected after {now - lost_since:.0f}s; following again")
                 lost_since = None
+            if self.state.status == TasksetStatus.WAITING and now - last_asked >= WHY_WAITING_EVERY_S:
+                last_asked = now
+                with contextlib.suppress(Exception):  # only a note: the next ask, or the run, says more
+                    await self._say_why_waiting(peer)
             if now - last_resync >= RESYNC_EVERY_S:
                 last_resync = now
                 try:

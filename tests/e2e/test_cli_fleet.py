@@ -357,3 +357,25 @@ async def test_rsync_transport(serve: Serve, tmp_path: Path) -> None:
         assert "rsynced the project" in run.stderr
         assert sorted(p.name for p in (remote / "carol").iterdir()) == sorted(p.name for p in project.iterdir())
         assert (tmp_path / "work" / "carol" / "test_alpha.py").is_file()
+
+
+async def test_a_run_without_a_worker_says_so_and_goes_on_when_one_comes(serve: Serve, tmp_path: Path) -> None:
+    """Before, a run with no worker of its type connected waited without a word."""
+    project = tmp_path / "quick"
+    write_sleepy_suite(project, files=2, seconds=0)
+    process = start_cli("run", "--progress", "plain", "--worker-type", "e2e-late", cwd=project, env=env_for(serve))
+    assert process.stderr is not None
+    lines: list[str] = []
+
+    def read_until(text: str) -> None:
+        assert process.stderr is not None
+        while (line := process.stderr.readline()) and text not in line:
+            lines.append(line)
+        lines.append(line)
+
+    await asyncio.wait_for(asyncio.to_thread(read_until, "no worker of type 'e2e-late'"), 60)
+    assert "the taskset waits for one" in lines[-1], lines
+    with running_worker(serve, tmp_path, "late-worker", "--worker-type", "e2e-late", "--slaves", "1"):
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=120)
+    assert process.returncode == 0, "".join(lines) + stderr
+    assert stderr.count("no worker of type") == 0  # said once, not at every ask
