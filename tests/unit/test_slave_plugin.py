@@ -776,3 +776,40 @@ def test_a_file_whose_path_holds_brackets_is_collected_alone(tmp_path: Path) -> 
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.counts("test_[top].py") == (TrialStatus.FAILED, 2, 0, 1)
     assert run.counts("sub[1]/deep/test_[x].py") == (TrialStatus.FAILED, 2, 0, 1)
+
+
+def test_a_forked_child_of_a_test_ends_on_sigterm_as_under_plain_pytest(tmp_path: Path) -> None:
+    """multiprocessing forks on Linux: the child inherited the slave's SIGTERM handling, so
+    `Process.terminate()` no longer ended it."""
+    root = _write_project(
+        tmp_path / "project",
+        {
+            "test_fork.py": """
+                import multiprocessing
+                import os
+                import signal
+                import time
+
+                def sleeper():
+                    time.sleep(60)
+
+                def test_terminate_ends_the_child():
+                    child = multiprocessing.get_context("fork").Process(target=sleeper)
+                    child.start()
+                    time.sleep(0.3)
+                    child.terminate()
+                    child.join(10)
+                    assert child.exitcode == -signal.SIGTERM
+
+                def test_the_slave_keeps_its_own_handling():
+                    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+                    pid = os.fork()
+                    if pid == 0:
+                        os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+                    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            """,
+        },
+    )
+    run = run_slave(root, tmp_path, ["test_fork.py"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.counts("test_fork.py") == (TrialStatus.PASSED, 2, 0, 0), run.result("test_fork.py").stdout[-3000:]

@@ -44,6 +44,22 @@ def collect_argument(spec_path: str) -> str:
     return spec_path if bracketed is None else "/".join(parts[:bracketed]) or "."
 
 
+_FORK_HOOK: list[Callable[[], None]] = []
+
+
+def _run_fork_hook() -> None:
+    for hook in _FORK_HOOK:
+        hook()
+
+
+def _at_fork_in_child(hook: Callable[[], None]) -> None:
+    """Run `hook` in the child of every later fork; the latest hook replaces the one before (a hook
+    registered with the interpreter cannot be taken back, so one is registered, once)."""
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_run_fork_hook)
+    _FORK_HOOK[:] = [hook]
+
+
 class _Stopped(BaseException):
     """SIGTERM while the slave waited for work."""
 
@@ -334,6 +350,7 @@ class SlaveSession:
             signal.SIGUSR1: signal.signal(signal.SIGUSR1, on_sigusr1),
         }
         self._signals_installed = True
+        ours = {signal.SIGTERM: on_sigterm, signal.SIGUSR1: on_sigusr1}
 
         def restore() -> None:
             self._signals_installed = False
@@ -341,6 +358,18 @@ class SlaveSession:
                 signal.signal(signum, handler)
             faulthandler.unregister(signal.SIGUSR2)
 
+        def in_forked_child() -> None:
+            # A test's forked child (multiprocessing's default on Linux) is no slave: a SIGTERM must end
+            # it as it would under plain pytest (`Process.terminate()`), not stop a session it has not got.
+            if not self._signals_installed:
+                return
+            self._signals_installed = False
+            for signum, handler in ours.items():
+                if signal.getsignal(signum) is handler:
+                    signal.signal(signum, signal.SIG_DFL)
+            faulthandler.unregister(signal.SIGUSR2)
+
+        _at_fork_in_child(in_forked_child)
         return restore
 
     def _on_soft_deadline(self) -> None:
