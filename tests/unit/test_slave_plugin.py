@@ -813,3 +813,59 @@ def test_a_forked_child_of_a_test_ends_on_sigterm_as_under_plain_pytest(tmp_path
     run = run_slave(root, tmp_path, ["test_fork.py"])
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.counts("test_fork.py") == (TrialStatus.PASSED, 2, 0, 0), run.result("test_fork.py").stdout[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["importlib", "prepend"])
+def test_a_file_that_failed_to_import_fails_again_on_a_retry_in_the_same_slave(tmp_path: Path, mode: str) -> None:
+    """In importlib mode pytest leaves a module that raised in sys.modules and reuses it: a retry in the
+    same slave collected only what was defined before the error, and the file passed."""
+    root = _write_project(
+        tmp_path / "project",
+        {
+            "test_broken.py": """
+                def test_first():
+                    pass
+
+                from no_such_package import helper
+
+                def test_uses_helper():
+                    assert helper() == 1
+            """,
+        },
+    )
+    (root / "sub").mkdir()
+    (root / "sub" / "conftest.py").write_text(
+        "import pytest\n\n\n@pytest.fixture\ndef value():\n    return 1\n\n\nraise RuntimeError('conftest breaks')\n"
+    )
+    (root / "sub" / "test_uses_conftest.py").write_text("def test_value(value):\n    assert value == 1\n")
+    tasks = ["test_broken.py", "test_broken.py", "sub/test_uses_conftest.py", "sub/test_uses_conftest.py"]
+    run = run_slave(root, tmp_path, tasks, f"--import-mode={mode}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    verdicts = [(path, result.status, result.passed) for path, result in run.finished()]
+    assert verdicts == [(path, TrialStatus.ERROR, 0) for path in tasks], run.stdout[-3000:]
+    retry = [result for path, result in run.finished() if path == "test_broken.py"][1]
+    assert "no_such_package" in retry.stdout
+
+
+def test_a_retry_in_the_same_slave_imports_its_file_afresh(tmp_path: Path) -> None:
+    """Module state and the ids pytest keeps on a parametrize mark carried over into a retry: a generated
+    id was escaped a second time (`[\\\\xe4]` for `[\\xe4]`), and a counter at module level went on."""
+    root = _write_project(
+        tmp_path / "project",
+        {
+            "test_again.py": """
+                import pytest
+
+                RUNS = []
+
+                @pytest.mark.parametrize("v", ["\\u00e4"], ids=lambda v: v)
+                def test_param(v, request):
+                    RUNS.append(request.node.name)
+                    assert RUNS == ["test_param[\\\\xe4]"], RUNS
+            """,
+        },
+    )
+    run = run_slave(root, tmp_path, ["test_again.py", "test_again.py"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    verdicts = [(result.status, result.passed) for _, result in run.finished()]
+    assert verdicts == [(TrialStatus.PASSED, 1)] * 2, run.stdout[-3000:]

@@ -9,6 +9,7 @@ import enum
 import faulthandler
 import os
 import signal
+import sys
 import tempfile
 import threading
 import traceback
@@ -90,6 +91,7 @@ class SlaveSession:
         self._watchdog = Watchdog(self._on_soft_deadline, self._on_hard_deadline)
         self._directories: dict[Path, pytest.Collector] = {}
         self._collected = 0
+        self._targets_seen: set[str] = set()
         # -x and --maxfail stop a file, not the slave: pytest's own check (which cannot be
         # undone once it fires) is turned off and the slave counts failures per file.
         self._maxfail: int = config.option.maxfail
@@ -244,6 +246,10 @@ class SlaveSession:
         # The path as perform_collect makes it absolute (no symlinks resolved), without a "::" part.
         target = os.path.abspath(self._config.invocation_params.dir / task.spec_path.split("::")[0])
         self._config.stash[TARGET] = target
+        if target in self._targets_seen:
+            self._forget_test_module(target)
+        self._targets_seen.add(target)
+        modules_before = set(sys.modules)
         try:
             with self._interruptible():
                 items = session.perform_collect([collect_argument(task.spec_path)])
@@ -255,6 +261,8 @@ class SlaveSession:
             tally.add_load_error(f"ERROR collecting {task.spec_path}", "".join(traceback.format_exception(exc)))
         finally:
             self._config.stash[TARGET] = None
+        if tally.load_error:
+            self._forget_half_imports(modules_before, target)
         # perform_collect counts one file; the terminal's progress wants the slave's running total.
         self._collected += len(items)
         session.testscollected = self._collected
@@ -262,6 +270,36 @@ class SlaveSession:
             deselected = f" ({tally.deselected} deselected)" if tally.deselected else ""
             tally.note(f"no tests ran in {task.spec_path}{deselected}")
         return items
+
+    @staticmethod
+    def _forget_test_module(target: str) -> None:
+        """A file collected again in this slave (a retry) is imported afresh, as in a new process: its
+        module's state, and what pytest keeps on its marks (parametrize ids), would carry over."""
+        for name, module in list(sys.modules.items()):
+            path = getattr(module, "__file__", None)
+            if isinstance(path, str) and os.path.abspath(path) == target:
+                del sys.modules[name]
+
+    def _forget_half_imports(self, modules_before: set[str], target: str) -> None:
+        """Drop from sys.modules the test module and conftests whose import this collection began and
+        did not finish.
+
+        pytest's importlib import mode puts a module in sys.modules before running it and leaves it there
+        when it raises; its next import of the same path returns that half-run module. A retry of the file
+        in this slave would then collect only what was defined before the error, and pass. (Plain pytest
+        never imports a file twice in one process; Python's own import, the default mode, removes a
+        module that failed.) A conftest that pytest registered as a plugin stays.
+        """
+        plugins = self._config.pluginmanager
+        for name in set(sys.modules) - modules_before:
+            module = sys.modules.get(name)
+            path = getattr(module, "__file__", None)
+            if module is None or not isinstance(path, str):
+                continue
+            if os.path.abspath(path) == target or (
+                os.path.basename(path) == "conftest.py" and not plugins.is_registered(module)
+            ):
+                del sys.modules[name]
 
     def _run_items(self, session: pytest.Session, items: Sequence[pytest.Item], tally: FileTally) -> _FileEnd:
         for index, item in enumerate(items):
