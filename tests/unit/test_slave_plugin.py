@@ -79,7 +79,7 @@ def slave_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def slave_command(tmp_path: Path, tasks: list[str], *extra_args: str) -> list[str]:
+def slave_command(tmp_path: Path, tasks: list[str], *extra_args: str, cache: bool = False) -> list[str]:
     task_list = tmp_path / "tasks.txt"
     task_list.write_text("".join(f"{task}\n" for task in tasks))
     return [
@@ -88,8 +88,7 @@ def slave_command(tmp_path: Path, tasks: list[str], *extra_args: str) -> list[st
         "pytest",
         "-p",
         "worker.slave.plugin",
-        "-p",
-        "no:cacheprovider",
+        *(("-o", f"cache_dir={tmp_path / 'cache'}") if cache else ("-p", "no:cacheprovider")),
         f"--basetemp={tmp_path / 'basetemp'}",
         f"--testfleet-files={task_list}",
         f"--testfleet-results={tmp_path / 'results.jsonl'}",
@@ -104,11 +103,16 @@ def events_of(tmp_path: Path) -> list[ListEvent]:
 
 
 def run_slave(
-    cwd: Path, tmp_path: Path, tasks: list[str], *extra_args: str, env: dict[str, str] | None = None
+    cwd: Path,
+    tmp_path: Path,
+    tasks: list[str],
+    *extra_args: str,
+    env: dict[str, str] | None = None,
+    cache: bool = False,
 ) -> SlaveRun:
     """A slave process over `tasks` (lines of `spec_path [hard_s soft_s]`), run to its end."""
     done = subprocess.run(
-        slave_command(tmp_path, tasks, *extra_args),
+        slave_command(tmp_path, tasks, *extra_args, cache=cache),
         cwd=cwd,
         env=env or slave_env(),
         capture_output=True,
@@ -869,3 +873,30 @@ def test_a_retry_in_the_same_slave_imports_its_file_afresh(tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr[-2000:]
     verdicts = [(result.status, result.passed) for _, result in run.finished()]
     assert verdicts == [(TrialStatus.PASSED, 1)] * 2, run.stdout[-3000:]
+
+
+def test_the_cache_fixture_and_cache_options_work_and_a_stop_ends_only_its_file(tmp_path: Path) -> None:
+    """The slave has a pytest cache of its own: `cache` works, and `--lf`, `--ff`, `--nf`, `--sw` in addopts
+    no longer stop every slave as unknown options. `--sw` stops a file at its first failure, not the slave."""
+    root = _write_project(
+        tmp_path / "project",
+        {
+            "test_cache.py": """
+                def test_cache(cache):
+                    cache.set("testfleet/probe", 1)
+                    assert cache.get("testfleet/probe", None) == 1
+            """,
+            "test_fails_first.py": "def test_one():\n    assert 0\n\ndef test_two():\n    pass\n",
+            "test_after.py": "def test_after():\n    pass\n",
+        },
+    )
+    tasks = ["test_cache.py", "test_fails_first.py", "test_after.py"]
+    for options in (("--lf",), ("--ff",), ("--nf",), ("--sw",)):
+        (tmp_path / options[0]).mkdir()
+        run = run_slave(root, tmp_path / options[0], tasks, *options, cache=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.counts("test_cache.py") == (TrialStatus.PASSED, 1, 0, 0), options
+        assert run.counts("test_after.py") == (TrialStatus.PASSED, 1, 0, 0), options
+        expected = (TrialStatus.FAILED, 0, 0, 1) if options == ("--sw",) else (TrialStatus.FAILED, 1, 0, 1)
+        assert run.counts("test_fails_first.py") == expected, (options, run.result("test_fails_first.py").stdout)
+    assert "pytest was asked to stop" in run.result("test_fails_first.py").stdout

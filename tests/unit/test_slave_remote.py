@@ -601,10 +601,12 @@ def test_split_argv_hands_the_rest_to_pytest() -> None:
 def test_pytest_argv_loads_the_plugin_with_a_basetemp_of_its_own(tmp_path: Path) -> None:
     env = {**BASE_ENV, "TESTFLEET_WORKING_PATH": str(tmp_path / "w"), "SLAVE_NUMBER": "3"}
     argv = slave_main.pytest_argv(env, ["-q", "-x"])
-    assert argv[:7] == [sys.executable, "-m", "pytest", "-p", "worker.slave.plugin", "-p", "no:cacheprovider"]
+    assert argv[:6] == [sys.executable, "-m", "pytest", "-p", "worker.slave.plugin", "-o"]
     assert argv[-3:] == ["--testfleet-slave", "-q", "-x"]
     basetemp = Path(next(word for word in argv if word.startswith("--basetemp=")).split("=", 1)[1])
     assert basetemp.name == "slave-3"
+    # A pytest cache of its own beside it (slaves sharing a checkout would race on .pytest_cache).
+    assert argv[6] == f"cache_dir={basetemp.parent / 'slave-3-cache'}"
     other_slot = slave_main.basetemp_for({**env, "SLAVE_NUMBER": "4"})
     other_tree = slave_main.basetemp_for({**env, "TESTFLEET_WORKING_PATH": str(tmp_path / "v")})
     assert other_slot.parent == basetemp.parent and other_slot != basetemp

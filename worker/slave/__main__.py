@@ -3,12 +3,14 @@
 By default it becomes pytest with the slave plugin (`os.execve`, so the process the worker signals and
 waits for is pytest itself):
 
-    python -m pytest -p worker.slave.plugin -p no:cacheprovider --basetemp=DIR --testfleet-slave [ARGS]
+    python -m pytest -p worker.slave.plugin -o cache_dir=DIR-cache --basetemp=DIR --testfleet-slave [ARGS]
 
 where ARGS are the words after `--` and DIR is the slave's own directory under the temporary
 directory (`testfleet-<uid>/<hash of the working path>/slave-<SLAVE_NUMBER>`; pytest empties it when
-the slave starts). `--exec 'CMD {path}'` runs each file as a command instead (see
-`worker.slave.exec_runner`). Either way files come from the coordinator (`worker.slave.remote`).
+the slave starts). DIR-cache is its own pytest cache, emptied before each start: the `cache` fixture
+and options such as `--lf` or `--ff` in `addopts` work, within one slave's life. `--exec 'CMD {path}'`
+runs each file as a command instead (see `worker.slave.exec_runner`). Either way files come from the
+coordinator (`worker.slave.remote`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import faulthandler
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -114,12 +117,33 @@ def basetemp_for(environ: Mapping[str, str]) -> Path:
     return root / key / name
 
 
+def cache_dir_beside(basetemp: Path) -> Path:
+    """The slave's own pytest cache: slaves sharing a checkout would race on its `.pytest_cache`."""
+    return basetemp.with_name(f"{basetemp.name}-cache")
+
+
 def pytest_argv(environ: Mapping[str, str], extra: Sequence[str]) -> list[str]:
     """The pytest command line of a slave."""
-    argv = [sys.executable, "-m", "pytest", "-p", "worker.slave.plugin", "-p", "no:cacheprovider"]
+    basetemp = basetemp_for(environ)
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "worker.slave.plugin",
+        "-o",
+        f"cache_dir={cache_dir_beside(basetemp)}",
+    ]
     if not any(word == "--basetemp" or word.startswith("--basetemp=") for word in extra):
-        argv.append(f"--basetemp={basetemp_for(environ)}")
+        argv.append(f"--basetemp={basetemp}")
     return [*argv, "--testfleet-slave", *extra]
+
+
+def empty_cache_dir(argv: Sequence[str]) -> None:
+    """Start the slave with an empty cache: `--lf` or `--sw` from another run must not choose its tests."""
+    for word in argv:
+        if word.startswith("cache_dir="):
+            shutil.rmtree(word.removeprefix("cache_dir="), ignore_errors=True)
 
 
 def _fail(message: str) -> NoReturn:
@@ -174,7 +198,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return run_exec_slave(options.exec_template, options.kill_grace, env)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, pytest_argv(env, extra), dict(env))  # noqa: S606 - argument list, no shell
+    argv = pytest_argv(env, extra)
+    empty_cache_dir(argv)
+    os.execve(sys.executable, argv, dict(env))  # noqa: S606 - argument list, no shell
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The queue-driven pytest slave: files from a `TaskSource`, one long session, one trial per file.
 
-Loaded with `python -m pytest -p worker.slave.plugin -p no:cacheprovider --basetemp=DIR`, it only
-registers its options until activated by one of them:
+Loaded with `python -m pytest -p worker.slave.plugin -o cache_dir=DIR-cache --basetemp=DIR` (a cache
+and a basetemp of the slave's own: slaves share a checkout), it only registers its options until
+activated by one of them:
 
 - `--testfleet-slave`: files come from the coordinator, through the `TaskSource` that
   `worker.slave.remote.make_source(config)` builds from the TESTFLEET_* variables;
@@ -30,7 +31,7 @@ sections (from its last report, which repeats the earlier phases'), then our own
 notes, and it ends with the block of per-test records (`[testfleet:cases]`, then a JSON line for
 each report counted, PROTOCOL.md §2); its stderr holds the failing tests' captured stderr. Each is
 kept to 4 MiB (head and tail; the record block is kept whole). -x and --maxfail stop a file at that
-many failures, never the slave.
+many failures, never the slave; so does a stop a plugin asks for (`--sw` at a failure).
 
 Soft timeout: a watchdog thread sends SIGUSR1 to the main thread (every second until the file
 ends), whose handler fails the running test phase or collection; the rest of the file is

@@ -45,6 +45,14 @@ def collect_argument(spec_path: str) -> str:
     return spec_path if bracketed is None else "/".join(parts[:bracketed]) or "."
 
 
+def _clear_stop(session: pytest.Session) -> None:
+    """Unset `session.shouldstop`, which pytest 8 refuses through its setter (it warns and keeps it)."""
+    if "_shouldstop" in vars(session):
+        session._shouldstop = False  # no public way: the runner reads it per item, so clearing is safe
+    else:
+        session.shouldstop = False
+
+
 _FORK_HOOK: list[Callable[[], None]] = []
 
 
@@ -231,6 +239,11 @@ class SlaveSession:
         items = self._collect(session, task, tally)
         end = self._run_items(session, items, tally)
         self._teardown_file(session, tally)
+        if session.shouldstop and not self._terms:
+            # Asked by a plugin or option (`--sw` at a failure, say): that ends this file, as -x does,
+            # not the slave.
+            tally.note(f"pytest was asked to stop ({session.shouldstop}); the rest of {task.spec_path} did not run")
+            _clear_stop(session)
         timed_out = self._watchdog.disarm()
         self._state = _State.REPORTING
         self._current = None
