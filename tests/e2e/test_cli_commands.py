@@ -53,7 +53,7 @@ async def wait_for_active(server: Serve, cwd: Path, timeout: float = 60) -> list
 
 async def test_submit_wait_show(serve: Serve, tmp_path: Path) -> None:
     project = copy_suite("every_outcome", tmp_path)
-    env = env_for(serve, TESTFLEET_RSYNC_NAME="alice")
+    env = env_for(serve, TESTFLEET_RSYNC_NAME="dev1")
     submitted = await asyncio.to_thread(run_cli, "submit", cwd=project, env=env)
     assert submitted.returncode == 0, submitted.stderr
     taskset_id = submitted.stdout.strip()
@@ -102,18 +102,18 @@ async def test_submit_wait_show(serve: Serve, tmp_path: Path) -> None:
 
 async def test_actives_workers_cancel_and_cancel_user(serve: Serve, tmp_path: Path) -> None:
     project = copy_suite("passing", tmp_path)
-    env = env_for(serve, TESTFLEET_RSYNC_NAME="bob")
+    env = env_for(serve, TESTFLEET_RSYNC_NAME="dev2")
     first = await asyncio.to_thread(run_cli, "submit", cwd=project, env=env)
     assert first.returncode == 0, first.stderr
     taskset_id = first.stdout.strip()
 
     busy = await asyncio.to_thread(run_cli, "submit", cwd=project, env=env)
     assert busy.returncode == 2
-    assert "refused" in busy.stderr and "bob" in busy.stderr
+    assert "refused" in busy.stderr and "dev2" in busy.stderr
 
     actives = await asyncio.to_thread(run_cli, "actives", cwd=project, env=env)
     fields = actives.stdout.strip().split("\t")
-    assert fields[:4] == [taskset_id, "waiting", "bob", "passing"]
+    assert fields[:4] == [taskset_id, "waiting", "dev2", "passing"]
     listed = json.loads((await asyncio.to_thread(run_cli, "actives", "--json", cwd=project, env=env)).stdout)
     assert [t["id"] for t in listed["tasksets"]] == [int(taskset_id)]
 
@@ -142,7 +142,7 @@ async def test_actives_workers_cancel_and_cancel_user(serve: Serve, tmp_path: Pa
     second = await asyncio.to_thread(run_cli, "submit", cwd=project, env=env)
     assert second.returncode == 0, second.stderr
     assert (await asyncio.to_thread(run_cli, "actives", cwd=project, env=env)).stdout.strip()
-    cancel_user = await asyncio.to_thread(run_cli, "cancel-user", "bob", cwd=project, env=env)
+    cancel_user = await asyncio.to_thread(run_cli, "cancel-user", "dev2", cwd=project, env=env)
     assert cancel_user.returncode == 0
     assert (await asyncio.to_thread(run_cli, "actives", cwd=project, env=env)).stdout.strip() == ""
     waited = await asyncio.to_thread(run_cli, "wait", second.stdout.strip(), cwd=project, env=env)

@@ -351,12 +351,12 @@ async def test_rsync_transport(serve: Serve, tmp_path: Path) -> None:
     remote.mkdir()
     with running_worker(serve, tmp_path, "rsync-worker", "--slaves", "1", "--rsync-remote-path", str(remote)):
         project = copy_suite("passing", tmp_path)
-        env = env_for(serve, TESTFLEET_RSYNC_REMOTE_PATH=str(remote), TESTFLEET_RSYNC_NAME="carol")
+        env = env_for(serve, TESTFLEET_RSYNC_REMOTE_PATH=str(remote), TESTFLEET_RSYNC_NAME="dev3")
         run = await asyncio.to_thread(run_cli, "run", cwd=project, env=env)
         assert run.returncode == 0, run.stderr
         assert "rsynced the project" in run.stderr
-        assert sorted(p.name for p in (remote / "carol").iterdir()) == sorted(p.name for p in project.iterdir())
-        assert (tmp_path / "work" / "carol" / "test_alpha.py").is_file()
+        assert sorted(p.name for p in (remote / "dev3").iterdir()) == sorted(p.name for p in project.iterdir())
+        assert (tmp_path / "work" / "dev3" / "test_alpha.py").is_file()
 
 
 async def test_a_run_without_a_worker_says_so_and_goes_on_when_one_comes(serve: Serve, tmp_path: Path) -> None:

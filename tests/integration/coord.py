@@ -186,7 +186,7 @@ async def new_taskset(
     h: Harness,
     tasks: list[list[Any]],
     *,
-    rsync_name: str = "alice",
+    rsync_name: str = "dev1",
     worker_type: str = "default",
     taskset_class: str = "proj",
     max_workers: int = 2,

@@ -97,7 +97,7 @@ async def test_longest_expected_first_from_history(database_url: str, tmp_path: 
         assert await h.call("query_spec_average_sec", "proj", "unknown") is None
         assert await h.call("query_spec_average_secs", "proj", ["sha-a.py", "sha-b.py", "x"]) == [1, 0, None]
         ref2 = await new_taskset(
-            h, [task("a.py", soft=10), task("b.py", soft=30), task("c.py", soft=20)], rsync_name="bob"
+            h, [task("a.py", soft=10), task("b.py", soft=30), task("c.py", soft=20)], rsync_name="dev2"
         )
         slave2 = await slave.call("create_slave", "s2", ref2)
         _, first, _, _ = await slave.call("dequeue_task", ref2)
@@ -179,7 +179,7 @@ async def test_cancel_and_fail_are_idempotent_and_final(database_url: str, tmp_p
         notes = await g.drain()
         created = [p for n, p in notes if n == "taskset_created"]
         assert [p[1] for p in created] == [ref, waiting_ref]
-        assert created[0][3:] == ["alice", "default", "proj"]
+        assert created[0][3:] == ["dev1", "default", "proj"]
         statuses = [(p[1][1], p[2].get("status")) for n, p in notes if n == "taskset_updated" and "status" in p[2]]
         assert (ref[1], "cancelled") in statuses and statuses.count((ref[1], "cancelled")) == 1
 
@@ -189,8 +189,8 @@ async def test_rsync_name_conflict_and_cancel_user(database_url: str, tmp_path: 
         ref = await new_taskset(h, [task("a.py")], dispatch=False)
         with pytest.raises(RpcError) as exc:
             await new_taskset(h, [task("a.py")])
-        assert exc.value.code == -32009 and "alice" in exc.value.message
-        await h.call("cancel_user_taskset", "alice")
+        assert exc.value.code == -32009 and "dev1" in exc.value.message
+        await h.call("cancel_user_taskset", "dev1")
         assert await h.call("query_taskset_status", ref) == "cancelled"
         ref2 = await new_taskset(h, [task("a.py")])
         assert ref2 != ref and await h.call("active_tasksets") == [ref2]

@@ -203,7 +203,7 @@ async def test_read_api_and_errors(database_url: str, tmp_path: Path) -> None:
 async def test_bundles_round_trip(database_url: str, tmp_path: Path) -> None:
     tokens = Tokens(client="c", worker="w")
     async with running_coordinator(database_url, tmp_path, tokens=tokens) as h:
-        url = h.server.make_url("/api/v1/bundles/alice")
+        url = h.server.make_url("/api/v1/bundles/dev1")
         async with h.session.get(url, headers={"Authorization": "Bearer w"}) as resp:
             assert resp.status == 404
         async with h.session.put(url, data=b"bundle-bytes") as resp:

@@ -50,7 +50,7 @@ async def test_dispatch_respects_max_workers_and_worker_type(database_url: str, 
             except TimeoutError:
                 continue
             assert request["params"][0] == ref
-            assert request["params"][1:] == ["alice", "true", "testfleet slave", 3]
+            assert request["params"][1:] == ["dev1", "true", "testfleet slave", 3]
             assigned.append(c)
             await c.answer(request, None)
         assert len(assigned) == 2 and gpu not in assigned

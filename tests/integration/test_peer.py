@@ -256,7 +256,7 @@ async def test_concurrent_calls_are_matched_by_id_out_of_order() -> None:
 async def test_error_replies_raise_their_subclass() -> None:
     async with fake_coordinator() as fake, started(fake) as peer:
         replies: list[tuple[str, tuple[Any, ...], ProtocolError | Any]] = [
-            ("create_taskset", ("alice", "", "", "default", "shop", 1, 1, [Task("a.py", "", 2, 1)]), Conflict("busy")),
+            ("create_taskset", ("dev1", "", "", "default", "shop", 1, 1, [Task("a.py", "", 2, 1)]), Conflict("busy")),
             ("dequeue_task", (TasksetRef(9),), NotFound("no taskset 9")),
             ("start_trial", (TrialRef(1),), ProtocolError("custom", code=-32050)),
             ("create_slave", ("s", TasksetRef(1)), ["trial", 1]),  # a result of the wrong shape
@@ -300,7 +300,7 @@ async def test_server_requests_are_dispatched_to_handlers_concurrently() -> None
     async with fake_coordinator() as fake, started(fake, handlers=handlers) as peer:
         assert peer.connected
         link = fake.links[0]
-        assign = AssignTasksetParams(TasksetRef(3), "alice", "make", "pytest", 3)
+        assign = AssignTasksetParams(TasksetRef(3), "dev1", "make", "pytest", 3)
         await link.request(1, "assign_taskset", assign)
         await link.request(2, "query_taskset", NoParams())
         _, second = await fake.next_response()
@@ -320,7 +320,7 @@ async def test_server_requests_are_dispatched_to_handlers_concurrently() -> None
             7: ErrorCode.INVALID_PARAMS,
         }
         await link.request(3, "assign_taskset", AssignTasksetParams(TasksetRef(3), "busy", "", "", 1))
-        await link.request(4, "assign_taskset", [["taskset", 3], "alice", "", "", 0])
+        await link.request(4, "assign_taskset", [["taskset", 3], "dev1", "", "", 0])
         await link.request(5, "dequeue_task", TasksetRefParams(TasksetRef(3)))
         await link.request(6, "taskset_finished", TasksetRefParams(TasksetRef(3)))
         await link.request(7, "taskset_finished", [["task", 3]])
@@ -361,7 +361,7 @@ async def test_notifications_are_delivered_and_bad_frames_ignored() -> None:
         seen.put_nowait((method, params))
 
     updated = TrialUpdated(TS, TrialRef(40), TaskRef(12), TS, TrialStatus.PASSED, 3, 0, 0)
-    created = TasksetCreated(TS, TasksetRef(4), TS, "alice", "default", "shop")
+    created = TasksetCreated(TS, TasksetRef(4), TS, "dev1", "default", "shop")
     async with fake_coordinator() as fake, started(fake, on_notification=on_notification) as peer:
         link = fake.links[0]
         for garbage in (
@@ -431,7 +431,7 @@ async def test_reconnect_binds_before_resending() -> None:
             assert peer.connected
 
             dequeue = asyncio.create_task(peer.call("dequeue_task", TasksetRef(3), timeout=None))
-            create = asyncio.create_task(peer.call("create_taskset", "alice", "", "", "default", "shop", 1, 1, []))
+            create = asyncio.create_task(peer.call("create_taskset", "dev1", "", "", "default", "shop", 1, 1, []))
             sent = dict([(r.method, r) for _, r in [await fake.next_request(), await fake.next_request()]])
             assert set(sent) == {"dequeue_task", "create_taskset"}
             assert COORDINATOR_METHODS["dequeue_task"].resend

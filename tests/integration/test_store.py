@@ -17,7 +17,7 @@ from protocol.types import Task, TaskStatus, TrialStatus
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
-def params(name: str = "alice", n: int = 3) -> CreateTasksetParams:
+def params(name: str = "dev1", n: int = 3) -> CreateTasksetParams:
     return CreateTasksetParams(
         name, "", "", "default", "proj", 1, 2, [Task(f"t{i}.py", f"s{i}", 9, 5) for i in range(n)]
     )
@@ -62,10 +62,10 @@ async def test_group_writes_one_row_and_many_rows_alike(db_pool: Pool) -> None:
 async def test_rsync_name_busy_is_atomic(db_pool: Pool) -> None:
     store = Store(db_pool)
     await store.start()
-    await store.create_taskset(params("bob"), T0)
+    await store.create_taskset(params("dev2"), T0)
     with pytest.raises(RsyncNameBusy):
-        await store.create_taskset(params("bob"), T0)
-    assert len(await store.active_taskset_ids("bob")) == 1
+        await store.create_taskset(params("dev2"), T0)
+    assert len(await store.active_taskset_ids("dev2")) == 1
 
 
 async def test_large_taskset_gets_consecutive_task_ids(db_pool: Pool) -> None:

@@ -113,7 +113,7 @@ async def test_a_peer_that_stops_reading_gets_every_reply_once_it_reads(
 async def test_calls_the_fast_path_hands_back_get_the_full_paths_errors(database_url: str, tmp_path: Path) -> None:
     async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
         ref = await new_taskset(h, [task("a.py")])
-        other = await new_taskset(h, [task("b.py")], rsync_name="bob")
+        other = await new_taskset(h, [task("b.py")], rsync_name="dev2")
         s1 = await c.call("create_slave", "s1", ref)
         s2 = await c.call("create_slave", "s2", other)
         task_ref, *_ = await c.call("dequeue_task", ref)

@@ -106,12 +106,12 @@ def test_rsync_mirrors_what_the_bundle_ships(tmp_path: Path) -> None:
     make_tree(project)
     (project / "pkg" / "mod.pyc").write_bytes(b"\0")
     remote = tmp_path / "remote"
-    (remote / "alice").mkdir(parents=True)
-    (remote / "alice" / "stale.py").write_text("removed upstream")
+    (remote / "dev1").mkdir(parents=True)
+    (remote / "dev1" / "stale.py").write_text("removed upstream")
     exclude = tmp_path / "exclude"
     exclude.write_bytes(b"".join(p.encode() + b"\0" for p in rsync_excludes(project)))
-    subprocess.run(rsync_command(project, str(remote), "alice", (), exclude), check=True)
+    subprocess.run(rsync_command(project, str(remote), "dev1", (), exclude), check=True)
     shipped = sorted(
-        p.relative_to(remote / "alice").as_posix() for p in (remote / "alice").rglob("*") if not p.is_dir()
+        p.relative_to(remote / "dev1").as_posix() for p in (remote / "dev1").rglob("*") if not p.is_dir()
     )
     assert shipped == list_files(project)

@@ -89,7 +89,7 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path: Path) -> None:
 
 
 def test_default_rsync_name_is_safe() -> None:
-    assert default_rsync_name({"USER": "alice"}) == "alice"
+    assert default_rsync_name({"USER": "dev1"}) == "dev1"
     assert default_rsync_name({"USER": "../évil user"}) == "vil-user"
     assert default_rsync_name({"USER": ".."}) == "testfleet"
 

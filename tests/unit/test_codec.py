@@ -129,7 +129,7 @@ PARAMS: dict[str, list[Params]] = {
     "query_spec_average_secs": [QuerySpecAverageSecsParams("shop", [SHA1, ""]), QuerySpecAverageSecsParams("shop", [])],
     "create_taskset": [
         CreateTasksetParams(
-            "alice-shop",
+            "dev1-shop",
             "bundle install",
             "pytest -x",
             "default",
@@ -145,7 +145,7 @@ PARAMS: dict[str, list[Params]] = {
     "try_finish_taskset": [TasksetRefParams(TASKSET)],
     "fail_taskset": [TasksetRefParams(TASKSET)],
     "cancel_taskset": [TasksetRefParams(TasksetRef(MAX_ID))],
-    "cancel_user_taskset": [CancelUserTasksetParams("alice-shop")],
+    "cancel_user_taskset": [CancelUserTasksetParams("dev1-shop")],
     "query_taskset_status": [TasksetRefParams(TASKSET)],
     "query_taskset_summary": [TasksetRefParams(TASKSET)],
     "active_tasksets": [NoParams()],
@@ -169,7 +169,7 @@ PARAMS: dict[str, list[Params]] = {
     "finish_slave": [FinishSlaveParams(SLAVE, SlaveStatus.NORMAL_EXIT), FinishSlaveParams(SLAVE, None)],
     "force_finish_slave": [ForceFinishSlaveParams("w1-slave-0", SlaveStatus.TIMEOUT_EXIT)],
     # worker methods
-    "assign_taskset": [AssignTasksetParams(TASKSET, "alice-shop", "bundle install", "pytest -x", 3)],
+    "assign_taskset": [AssignTasksetParams(TASKSET, "dev1-shop", "bundle install", "pytest -x", 3)],
     "taskset_finished": [TasksetRefParams(TASKSET)],
     "query_taskset": [NoParams()],
 }
@@ -218,7 +218,7 @@ NOTIFICATION_SAMPLES: list[Notification] = [
     SlaveUpdated(TS, SLAVE, SlaveHash(status=SlaveStatus.FAILURE_EXIT)),
     SlaveUpdated(TS, SLAVE, SlaveHash(current_trial=TRIAL)),
     SlaveUpdated(TS, SLAVE, SlaveHash(current_trial=None)),
-    TasksetCreated(TS, TASKSET, TS, "alice-shop", "default", "shop"),
+    TasksetCreated(TS, TASKSET, TS, "dev1-shop", "default", "shop"),
 ]
 
 ALL_SPECS: list[tuple[dict[str, MethodSpec], MethodSpec]] = [
@@ -474,7 +474,7 @@ BAD_PARAMS: list[tuple[str, str, Any]] = [
     ("task too short", "create_taskset", ["r", "", "", "t", "c", 1, 1, [["a.py", "", 1]]]),
     ("rsync_name traversal", "cancel_user_taskset", ["../etc"]),
     ("rsync_name with a slash", "cancel_user_taskset", ["a/b"]),
-    ("rsync_name with a newline", "cancel_user_taskset", ["alice\n"]),
+    ("rsync_name with a newline", "cancel_user_taskset", ["dev1\n"]),
     ("rsync_name empty", "cancel_user_taskset", [""]),
     ("empty worker name", "current_taskset", ["", "default", None]),
     ("worker method params", "assign_taskset", [["taskset", 1], "r", "", "", 0]),
@@ -546,7 +546,7 @@ def test_deep_nesting_is_refused_not_crashing(codec: Codec) -> None:
         InternalError("internal error 1a2b"),
         Unauthorized(),
         NotFound("no taskset 3", data={"taskset_id": 3}),
-        Conflict("alice-shop has an active taskset"),
+        Conflict("dev1-shop has an active taskset"),
         WrongTransport(),
     ],
     ids=lambda e: type(e).__name__,
