@@ -121,7 +121,8 @@ async def submit(client: Client, settings: ClientSettings, paths: Sequence[str],
     project = Path(settings.project_dir)
     spec_paths = await asyncio.to_thread(discover, paths, project)
     shipped = set(await asyncio.to_thread(bundle.list_files, project))
-    unshipped = [p for p in spec_paths if p.split("::", 1)[0] not in shipped]
+    # A spec path is a shipped file, or one's test (`file::test`); a file's own name may hold `::`.
+    unshipped = [p for p in spec_paths if p not in shipped and p.split("::", 1)[0] not in shipped]
     if unshipped:
         # Ignored by git, so neither the bundle nor rsync takes them to the workers: they could only fail.
         shown = ", ".join(unshipped[:5]) + (f" and {len(unshipped) - 5} more" if len(unshipped) > 5 else "")

@@ -280,6 +280,7 @@ async def test_test_files_git_ignores_are_left_out_and_named(tmp_path: Path) -> 
     (project / "pytest.ini").write_text("[pytest]\n")
     (project / ".gitignore").write_text("gen/\n")
     (project / "test_ok.py").write_text("def test_ok():\n    pass\n")
+    (project / "test_co::lon.py").write_text("def test_colon():\n    pass\n")  # shipped: its name is no test id
     (project / "gen" / "test_generated.py").write_text("def test_generated():\n    pass\n")
     subprocess.run(["git", "init", "-q", str(project)], check=True, capture_output=True)
     local = await asyncio.to_thread(
@@ -287,7 +288,7 @@ async def test_test_files_git_ignores_are_left_out_and_named(tmp_path: Path) -> 
     )
     assert local.returncode == 0, local.stdout + local.stderr
     assert "left out 1 test file that git ignores (not sent to the workers): gen/test_generated.py" in local.stderr
-    assert "1 file (1 passed, 0 pending, 0 failed)" in local.stdout
+    assert "2 files (2 passed, 0 pending, 0 failed)" in local.stdout
 
 
 async def test_local_runs_and_cleans_up(tmp_path: Path) -> None:

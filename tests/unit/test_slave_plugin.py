@@ -900,3 +900,22 @@ def test_the_cache_fixture_and_cache_options_work_and_a_stop_ends_only_its_file(
         expected = (TrialStatus.FAILED, 0, 0, 1) if options == ("--sw",) else (TrialStatus.FAILED, 1, 0, 1)
         assert run.counts("test_fails_first.py") == expected, (options, run.result("test_fails_first.py").stdout)
     assert "pytest was asked to stop" in run.result("test_fails_first.py").stdout
+
+
+def test_a_file_whose_name_holds_a_double_colon_is_a_file(tmp_path: Path) -> None:
+    """`path::name` names a test, unless the whole of it names a file: such a file is collected whole
+    (before, the client left it out as a file git ignores, and the slave looked for a test in `test_co`)."""
+    root = _write_project(
+        tmp_path / "project",
+        {
+            "test_co::lon.py": "def test_x():\n    assert 0\n",
+            "test_plain.py": "def test_one():\n    pass\n\ndef test_two():\n    assert 0\n",
+        },
+    )
+    (root / "a::b").mkdir()
+    (root / "a::b" / "test_deep.py").write_text("def test_d():\n    pass\n")
+    run = run_slave(root, tmp_path, ["test_co::lon.py", "a::b/test_deep.py", "test_plain.py::test_one"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.counts("test_co::lon.py") == (TrialStatus.FAILED, 0, 0, 1)
+    assert run.counts("a::b/test_deep.py") == (TrialStatus.PASSED, 1, 0, 0)
+    assert run.counts("test_plain.py::test_one") == (TrialStatus.PASSED, 1, 0, 0)

@@ -31,18 +31,27 @@ HARD_TIMEOUT_EXIT: Final = 42
 REPORT_WAIT_S: Final = 5.0
 
 
-def collect_argument(spec_path: str) -> str:
+def file_of(spec_path: str, root: Path) -> str:
+    """The file (or directory) part of a spec path: all of it when that names a file, as a file whose
+    name holds `::` does; else what comes before its first `::` (`path::test` names one test)."""
+    if "::" not in spec_path or (root / spec_path).is_file():
+        return spec_path
+    return spec_path.split("::", 1)[0]
+
+
+def collect_argument(spec_path: str, root: Path) -> str:
     """What to hand `perform_collect` for a spec path.
 
-    pytest reads `[...]` in an argument as a parametrization and refuses it in a path: a file whose path
-    holds a `[` is reached through its nearest directory without one (the targeted directory collectors,
-    given the file as the target, then enter only the way to it).
+    pytest reads `[...]` in an argument as a parametrization and `::` as a test's name, and refuses the
+    first in a path: a file whose path holds either is reached through its nearest directory without
+    them (the targeted directory collectors, given the file as the target, then enter only the way to it).
     """
-    if "::" in spec_path:
+    path = file_of(spec_path, root)
+    if path != spec_path:
         return spec_path
-    parts = spec_path.split("/")
-    bracketed = next((i for i, part in enumerate(parts) if "[" in part), None)
-    return spec_path if bracketed is None else "/".join(parts[:bracketed]) or "."
+    parts = path.split("/")
+    odd = next((i for i, part in enumerate(parts) if "[" in part or "::" in part), None)
+    return path if odd is None else "/".join(parts[:odd]) or "."
 
 
 def _clear_stop(session: pytest.Session) -> None:
@@ -256,8 +265,9 @@ class SlaveSession:
 
     def _collect(self, session: pytest.Session, task: FileTask, tally: FileTally) -> Sequence[pytest.Item]:
         items: Sequence[pytest.Item] = ()
-        # The path as perform_collect makes it absolute (no symlinks resolved), without a "::" part.
-        target = os.path.abspath(self._config.invocation_params.dir / task.spec_path.split("::")[0])
+        # The path as perform_collect makes it absolute (no symlinks resolved), without a test's "::" part.
+        root = self._config.invocation_params.dir
+        target = os.path.abspath(root / file_of(task.spec_path, root))
         self._config.stash[TARGET] = target
         if target in self._targets_seen:
             self._forget_test_module(target)
@@ -265,7 +275,7 @@ class SlaveSession:
         modules_before = set(sys.modules)
         try:
             with self._interruptible():
-                items = session.perform_collect([collect_argument(task.spec_path)])
+                items = session.perform_collect([collect_argument(task.spec_path, root)])
         except pytest.UsageError as exc:
             # After a failed collect report this only repeats that nothing was found.
             if not tally.load_error:
