@@ -2,8 +2,11 @@
 
 What is honoured: the configuration file pytest would pick (the same names and order), `python_files`,
 `testpaths` (globbed, used when no path is given), `norecursedirs`, `--ignore`/`--ignore-glob` in
-`addopts`, virtualenvs and `__pycache__` skipped. What needs the suite imported is not (`collect_ignore`
-in a conftest, plugins that collect other files); name such files explicitly or adjust `python_files`.
+`addopts`, virtualenvs and `__pycache__` skipped; doctests as pytest finds them (text files by
+`--doctest-glob`, `test*.txt` by default; with `--doctest-modules` in `addopts`, every module whose
+text holds `>>>` but a `__main__.py` or a setup.py that uses setuptools or distutils). What needs the
+suite imported is not (`collect_ignore` in a conftest, plugins that collect other files); name such
+files explicitly or adjust `python_files`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Final, NamedTuple
 from coordinator.cli.errors import CliError
 
 DEFAULT_PYTHON_FILES: Final = ("test_*.py", "*_test.py")
+DEFAULT_DOCTEST_GLOBS: Final = ("test*.txt",)
 DEFAULT_NORECURSEDIRS: Final = ("*.egg", ".*", "_darcs", "build", "CVS", "dist", "node_modules", "venv", "{arch}")
 CONFIG_NAMES: Final = (
     "pytest.toml",
@@ -140,29 +144,37 @@ def _in_venv(path: Path) -> bool:
         return False
 
 
-def _addopts_ignores(config: PytestConfig) -> tuple[list[Path], list[str]]:
-    """`--ignore` paths and `--ignore-glob` patterns given in `addopts`, made absolute against the rootdir."""
-    words = config.getlist("addopts", ())
-    ignores: list[Path] = []
-    globs: list[str] = []
-    index = 0
-    while index < len(words):
-        word = words[index]
-        for flag, bucket in (("--ignore", "path"), ("--ignore-glob", "glob")):
-            value: str | None = None
-            if word == flag and index + 1 < len(words):
-                value = words[index + 1]
-                index += 1
-            elif word.startswith(flag + "="):
-                value = word[len(flag) + 1 :]
-            if value is not None:
-                if bucket == "path":
-                    ignores.append((config.rootdir / value).absolute())
-                else:
-                    globs.append(str((config.rootdir / value).absolute()))
-                break
-        index += 1
-    return ignores, globs
+def _addopts_values(words: Sequence[str], flag: str) -> list[str]:
+    """The values of `flag` in `addopts` words, given as `flag value` or `flag=value`."""
+    values: list[str] = []
+    for index, word in enumerate(words):
+        if word == flag and index + 1 < len(words):
+            values.append(words[index + 1])
+        elif word.startswith(flag + "="):
+            values.append(word[len(flag) + 1 :])
+    return values
+
+
+def _plugin_disabled(words: Sequence[str], name: str) -> bool:
+    """Whether `addopts` blocks a plugin (`-p no:name`, `-pno:name`)."""
+    blocked = f"no:{name}"
+    return any(
+        word == f"-p{blocked}" or (word == "-p" and index + 1 < len(words) and words[index + 1] == blocked)
+        for index, word in enumerate(words)
+    )
+
+
+def _has_examples(path: Path) -> bool:
+    """Whether pytest would look for doctests in a module that may hold some: a module without `>>>` has
+    none, and would only be a file of no tests in the run; a setup.py that names its build tool is left
+    out by pytest itself."""
+    try:
+        text = path.read_bytes()
+    except OSError:
+        return False
+    if path.name == "setup.py" and (b"setuptools" in text or b"distutils" in text):
+        return False
+    return b">>>" in text
 
 
 class Discovery:
@@ -171,7 +183,15 @@ class Discovery:
     def __init__(self, config: PytestConfig) -> None:
         self.python_files = config.getlist("python_files", DEFAULT_PYTHON_FILES)
         self.norecursedirs = config.getlist("norecursedirs", DEFAULT_NORECURSEDIRS)
-        self.ignores, self.ignore_globs = _addopts_ignores(config)
+        addopts = config.getlist("addopts", ())
+        self.ignores = [(config.rootdir / v).absolute() for v in _addopts_values(addopts, "--ignore")]
+        self.ignore_globs = [str((config.rootdir / v).absolute()) for v in _addopts_values(addopts, "--ignore-glob")]
+        # pytest's doctest plugin collects text files by `--doctest-glob` (test*.txt unless given), and with
+        # `--doctest-modules` the docstrings of every module but setup.py and __main__.py.
+        doctests = not _plugin_disabled(addopts, "doctest")
+        globs = _addopts_values(addopts, "--doctest-glob") or list(DEFAULT_DOCTEST_GLOBS)
+        self.doctest_globs = globs if doctests else []
+        self.doctest_modules = doctests and "--doctest-modules" in addopts
 
     def ignored(self, path: Path) -> bool:
         if path.name == "__pycache__" or path in self.ignores:
@@ -179,7 +199,11 @@ class Discovery:
         return any(fnmatch.fnmatch(str(path), pattern) for pattern in self.ignore_globs)
 
     def matches(self, path: Path) -> bool:
-        return path.suffix == ".py" and any(fnmatch_ex(pattern, path) for pattern in self.python_files)
+        if path.suffix == ".py":
+            if any(fnmatch_ex(pattern, path) for pattern in self.python_files):
+                return True
+            return self.doctest_modules and path.name != "__main__.py" and _has_examples(path)
+        return any(fnmatch_ex(pattern, path) for pattern in self.doctest_globs)
 
     def walk(self, directory: Path) -> list[Path]:
         found: list[Path] = []

@@ -122,3 +122,27 @@ def test_sha1_of_content(tmp_path: Path) -> None:
     path = tmp_path / "test_a.py"
     path.write_bytes(b"abc")
     assert sha1_of(path) == "a9993e364706816aba3e25717850c26c9cd0d89d"
+
+
+@pytest.mark.parametrize(
+    "addopts",
+    ["", "--doctest-modules", "-p no:doctest", "--doctest-glob=*.rst --doctest-modules", "--doctest-glob *.md"],
+)
+def test_doctests_are_found_as_pytest_finds_them(tmp_path: Path, addopts: str) -> None:
+    """Before, only `python_files` were found: a suite's doctests were silently not run."""
+    (tmp_path / "pytest.ini").write_text(f"[pytest]\naddopts = {addopts}\n")
+    touch(tmp_path, "tests/test_plain.py")
+    example = '"""\n>>> 1 + 1\n2\n"""\n'
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "util.py").write_text(f"def add(a, b):\n    {example}    return a + b\n")
+    (tmp_path / "pkg" / "plain.py").write_text("VALUE = 1\n")  # no example: nothing for a slave to run
+    (tmp_path / "setup.py").write_text(example)  # collected: it names no build tool
+    (tmp_path / "pkg" / "__main__.py").write_text(example)  # never collected
+    (tmp_path / "build_tool").mkdir()
+    (tmp_path / "build_tool" / "setup.py").write_text("import setuptools\n" + example)  # not collected
+    for name in ("test_readme.txt", "guide.rst", "notes.md", "other.txt"):
+        (tmp_path / name).write_text(">>> 1 + 1\n2\n")
+    found = discover([], tmp_path)
+    assert found == pytest_collected_files(tmp_path)
+    assert ("pkg/util.py" in found) is ("--doctest-modules" in addopts)
