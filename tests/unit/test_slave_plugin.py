@@ -919,3 +919,27 @@ def test_a_file_whose_name_holds_a_double_colon_is_a_file(tmp_path: Path) -> Non
     assert run.counts("test_co::lon.py") == (TrialStatus.FAILED, 0, 0, 1)
     assert run.counts("a::b/test_deep.py") == (TrialStatus.PASSED, 1, 0, 0)
     assert run.counts("test_plain.py::test_one") == (TrialStatus.PASSED, 1, 0, 0)
+
+
+def test_a_session_fixture_whose_teardown_fails_is_told_on_the_slaves_stderr(tmp_path: Path) -> None:
+    """It ends after the verdict, so it reaches the worker's log only; before, it went into pytest's
+    capture and was lost."""
+    root = _write_project(
+        tmp_path / "project",
+        {
+            "conftest.py": """
+                import pytest
+
+                @pytest.fixture(scope="session")
+                def resource():
+                    yield 1
+                    raise RuntimeError("session teardown boom")
+            """,
+            "test_uses.py": "def test_a(resource):\n    assert resource == 1\n",
+        },
+    )
+    run = run_slave(root, tmp_path, ["test_uses.py"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.counts("test_uses.py") == (TrialStatus.PASSED, 1, 0, 0)
+    assert "testfleet: a session fixture's teardown failed" in run.stderr
+    assert "RuntimeError: session teardown boom" in run.stderr

@@ -5,6 +5,7 @@ See `worker.slave.plugin` for how it is activated and what it promises.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import faulthandler
 import os
@@ -366,7 +367,13 @@ class SlaveSession:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
-            os.write(2, ("testfleet: session teardown failed\n" + "".join(traceback.format_exception(exc))).encode())
+            # By now the taskset has its verdict (a slave learns that no file is left only once every file
+            # is decided): the error can only go to the worker's log, through the slave's real stderr, which
+            # pytest's capture holds at this point.
+            text = "testfleet: a session fixture's teardown failed\n" + "".join(traceback.format_exception(exc))
+            capture = session.config.pluginmanager.getplugin("capturemanager")
+            with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+                os.write(2, text.encode(errors="backslashreplace"))
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
