@@ -112,6 +112,7 @@ class Peer:
         min_backoff: float = 0.05,
         max_backoff: float = 5.0,
         connect_timeout: float | None = None,
+        log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         unknown = set(handlers or ()) - set(WORKER_METHODS)
         if unknown:
@@ -129,7 +130,10 @@ class Peer:
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
         self._connect_timeout = connect_timeout
-        self._log: structlog.typing.FilteringBoundLogger = structlog.get_logger("testfleet.peer").bind(peer=self._url)
+        # A peer inside a test process (a slave) logs where pytest's capture does not reach: `log`.
+        self._log: structlog.typing.FilteringBoundLogger = (log or structlog.get_logger("testfleet.peer")).bind(
+            peer=self._url
+        )
 
         self._session: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -12,6 +14,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -704,3 +707,22 @@ async def test_start_waits_for_a_late_server() -> None:
         for link in fake.links:
             await link.ws.close()
         await server.close()
+
+
+async def test_a_peer_logs_where_it_is_told(capsys: pytest.CaptureFixture[str]) -> None:
+    """A slave's peer logs past pytest's capture: its reconnect lines had ended up in a test's stdout."""
+    lines = io.StringIO()
+    log = structlog.wrap_logger(
+        structlog.PrintLogger(file=lines),
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    peer = Peer(f"http://127.0.0.1:{port}", connect_timeout=0.3, min_backoff=0.05, max_backoff=0.05, log=log)
+    with pytest.raises(TimeoutError):
+        await within(peer.start())
+    assert "peer_connect_failed" in lines.getvalue()
+    captured = capsys.readouterr()
+    assert "peer_connect_failed" not in captured.out + captured.err

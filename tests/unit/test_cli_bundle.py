@@ -111,7 +111,5 @@ def test_rsync_mirrors_what_the_bundle_ships(tmp_path: Path) -> None:
     exclude = tmp_path / "exclude"
     exclude.write_bytes(b"".join(p.encode() + b"\0" for p in rsync_excludes(project)))
     subprocess.run(rsync_command(project, str(remote), "dev1", (), exclude), check=True)
-    shipped = sorted(
-        p.relative_to(remote / "dev1").as_posix() for p in (remote / "dev1").rglob("*") if not p.is_dir()
-    )
+    shipped = sorted(p.relative_to(remote / "dev1").as_posix() for p in (remote / "dev1").rglob("*") if not p.is_dir())
     assert shipped == list_files(project)

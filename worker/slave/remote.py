@@ -363,6 +363,7 @@ class RemoteSource:
             on_connect=self._bind,
             call_timeout=None,
             connect_timeout=CONNECT_TIMEOUT_S,
+            log=self._log,
         )
         await self._peer.start()
         assert self._slave is not None
