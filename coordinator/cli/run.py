@@ -53,6 +53,8 @@ EXIT_ERROR: Final = 2
 EXIT_CODES: Final = {TasksetStatus.SUCCEEDED: EXIT_SUCCEEDED, TasksetStatus.FAILED: EXIT_FAILED}
 AVERAGES_BATCH: Final = 20_000
 WORKER_LOG_TAIL: Final = 30
+CANCEL_WAIT_S: Final = 60.0
+"""How long an interrupted run tries to cancel its taskset (and then to report it)."""
 
 
 def say(text: str) -> None:
@@ -206,14 +208,22 @@ async def follow_and_report(client: Client, settings: ClientSettings, ref: Tasks
 # -- signals and errors --------------------------------------------------------------------------
 
 
-async def cancel_submitted(client: Client, submission: Submission) -> None:
+async def cancel_submitted(client: Client, submission: Submission) -> bool:
+    """Cancel the submitted taskset, trying for up to CANCEL_WAIT_S; whether it is cancelled (or none was)."""
     if submission.ref is None:
-        return
-    say(f"interrupted: cancelling taskset {submission.ref.id}")
+        return True
+    taskset_id = submission.ref.id
+    say(f"interrupted: cancelling taskset {taskset_id}")
     try:
-        await asyncio.wait_for(client.call("cancel_taskset", submission.ref), 30)
+        await asyncio.wait_for(client.call("cancel_taskset", submission.ref), CANCEL_WAIT_S)
     except (ProtocolError, CoordinatorUnavailable, TimeoutError, OSError) as exc:
-        say(f"could not cancel taskset {submission.ref.id}: {exc}")
+        why = str(exc) or f"the coordinator did not answer within {CANCEL_WAIT_S:.0f} s"
+        say(
+            f"could not cancel taskset {taskset_id}: {why}; it may still be running "
+            f"(`testfleet cancel {taskset_id}` cancels it)"
+        )
+        return False
+    return True
 
 
 async def guarded(work: Callable[[], Awaitable[int]], on_interrupt: Callable[[], Awaitable[None]]) -> int:
@@ -311,12 +321,12 @@ async def run_async(settings: ClientSettings, paths: Sequence[str], *, follow: b
             return await follow_and_report(client, settings, ref, submission.started_at)
 
         async def interrupt() -> None:
-            await cancel_submitted(client, submission)
-            if submission.ref is not None and follow:
+            # Without the cancel, the report would only wait for a coordinator that is away.
+            if await cancel_submitted(client, submission) and submission.ref is not None and follow:
                 try:
-                    await report_and_exit_code(client, settings, submission.ref)
+                    await asyncio.wait_for(report_and_exit_code(client, settings, submission.ref), CANCEL_WAIT_S)
                 except Exception as exc:
-                    say(f"no report: {exc}")
+                    say(f"no report: {str(exc) or 'the coordinator did not answer'}")
 
         return await guarded(work, interrupt)
 

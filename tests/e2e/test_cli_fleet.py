@@ -380,3 +380,28 @@ async def test_a_run_without_a_worker_says_so_and_goes_on_when_one_comes(serve: 
         _, stderr = await asyncio.to_thread(process.communicate, timeout=120)
     assert process.returncode == 0, "".join(lines) + stderr
     assert stderr.count("no worker of type") == 0  # said once, not at every ask
+
+
+async def test_an_interrupt_while_the_coordinator_is_away_says_the_taskset_may_still_run(
+    serve: Serve, worker: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    """Before, the cancel gave up with an empty reason, and the run then waited for the coordinator to
+    print a report of a taskset that went on running."""
+    project = tmp_path / "sleepy"
+    write_sleepy_suite(project, files=4, seconds=30)
+    process = start_cli("run", "--progress", "plain", "--disconnect-timeout-sec", "3", cwd=project, env=env_for(serve))
+    deadline = time.monotonic() + 60
+    while "running" not in (await asyncio.to_thread(run_cli, "actives", cwd=project, env=env_for(serve))).stdout:
+        assert time.monotonic() < deadline, "the taskset never ran"
+        await asyncio.sleep(0.3)
+    serve.stop(signal.SIGKILL)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.to_thread(process.communicate, timeout=60)
+    assert process.returncode == 2, stderr
+    said = re.search(r"could not cancel taskset (\d+): .+; it may still be running \(`testfleet cancel \1`", stderr)
+    assert said is not None, stderr
+    serve.start()
+    shown = await asyncio.to_thread(run_cli, "show", said.group(1), "--json", cwd=project, env=env_for(serve))
+    assert json.loads(shown.stdout)["status"] == "running"
+    cancelled = await asyncio.to_thread(run_cli, "cancel", said.group(1), cwd=project, env=env_for(serve))
+    assert cancelled.returncode == 0, cancelled.stderr
