@@ -102,6 +102,24 @@ class Follower:
         assert self._peer is not None
         await self._peer.call("listen_to_taskset", self.ref)
         self.apply_summary(await self._peer.call("query_taskset_summary", self.ref))
+        # Trials that started or ended while no connection listened (before the first one too, for a
+        # taskset followed once running): the summary does not count them.
+        self.apply_trials(await self.client.get_json(f"/api/v1/tasksets/{self.ref.id}/tasks"))
+
+    def apply_trials(self, body: Any) -> None:
+        """The running trials and the failed attempts from the read API's tasks (after listening, so a
+        notification that comes later only adds to it)."""
+        running: set[int] = set()
+        failed: set[int] = set()
+        for task in body["tasks"]:
+            for trial in task.get("trials", ()):
+                if trial.get("finished_at") is None and trial.get("status") is None:
+                    running.add(int(trial["id"]))
+                elif trial.get("status") in FAILED_TRIAL_STATUSES:
+                    failed.add(int(trial["id"]))
+        self.state.running = running
+        self._failed_trials = failed
+        self.state.failed_trials = len(failed)
 
     # -- the wait ---------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import cast
 
 import pytest
@@ -9,8 +10,10 @@ import pytest
 from coordinator.cli.client import Client
 from coordinator.cli.follow import Follower
 from coordinator.cli.progress import NullDisplay, RunState, status_line
-from protocol.messages import ActiveWorker
-from protocol.types import TasksetRef
+from protocol.messages import ActiveWorker, TrialUpdated
+from protocol.types import TaskRef, TasksetRef, TrialRef, TrialStatus
+
+TS = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def state(status: str, done: int = 1, failed_trials: int = 0) -> RunState:
@@ -54,3 +57,28 @@ def test_why_a_taskset_waits_for_its_first_worker(workers: list[tuple[str, str, 
     live = [ActiveWorker(name, kind, None if ref is None else TasksetRef(ref)) for name, kind, ref in workers]
     said = mine().why_waiting(live)
     assert said is None if why is None else said is not None and why in said
+
+
+def test_a_connection_counts_running_trials_and_failed_attempts_afresh() -> None:
+    """Trials that ended while the client was away stayed 'running' in its progress line for good."""
+    follower = mine()
+    follower.state.running = {1, 2, 3}  # as notifications left them before the coordinator went away
+    body = {
+        "tasks": [
+            {"id": 10, "trials": [{"id": 1, "status": "passed", "finished_at": "t"}]},
+            {"id": 11, "trials": [{"id": 2, "status": "error", "finished_at": "t"}, {"id": 4, "status": None}]},
+            {"id": 12, "trials": [{"id": 3, "status": "timeout", "finished_at": "t"}]},
+            {"id": 13, "trials": []},
+        ]
+    }
+    follower.apply_trials(body)
+    assert follower.state.running == {4}
+    assert follower.state.failed_trials == 2
+    # A notification that comes later counts on top, once.
+    follower.on_notification(
+        "trial_updated", TrialUpdated(TS, TrialRef(4), TaskRef(11), TS, TrialStatus.FAILED, 0, 0, 1)
+    )
+    follower.on_notification(
+        "trial_updated", TrialUpdated(TS, TrialRef(2), TaskRef(11), TS, TrialStatus.ERROR, 0, 0, 1)
+    )
+    assert follower.state.running == set() and follower.state.failed_trials == 3
