@@ -22,7 +22,8 @@ import structlog
 from aiohttp import web
 
 from coordinator.runtime.coordinator import RuntimeSettings
-from coordinator.store.embedded import EmbeddedPostgresError
+from coordinator.store.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from coordinator.transport import keys
 from coordinator.transport.app import build_app
 from coordinator.transport.rpc import Tokens
 
@@ -121,6 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+POSTGRES_WATCH_S: Final = 2.0
+"""How often `serve` checks that the embedded Postgres it started still runs."""
 TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS: Final = frozenset({"", "0", "false", "no", "off"})
 
@@ -190,6 +193,22 @@ def configure_logging(level: str) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # Libraries' records (the database driver's warnings, say) as the same lines, not bare tracebacks.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.WARNING))
 
 
 async def serve(settings: ServeSettings, ready: Callable[[str], None] | None = None) -> int:
@@ -203,8 +222,6 @@ async def serve(settings: ServeSettings, ready: Callable[[str], None] | None = N
     embedded = None
     dsn = settings.database_url
     if dsn is None:
-        from coordinator.store.embedded import EmbeddedPostgres
-
         embedded = EmbeddedPostgres()
         dsn = await asyncio.to_thread(embedded.start, data_dir / "postgres")
     try:
@@ -238,6 +255,9 @@ async def serve(settings: ServeSettings, ready: Callable[[str], None] | None = N
                 ready(url)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
+            if embedded is not None:
+                coordinator = app[keys.COORDINATOR]
+                coordinator.spawn(_keep_alive(embedded), "embedded-postgres-watch")
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
             try:
@@ -253,6 +273,17 @@ async def serve(settings: ServeSettings, ready: Callable[[str], None] | None = N
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
     return 0
+
+
+async def _keep_alive(embedded: EmbeddedPostgres) -> None:
+    """Start the embedded Postgres again when its postmaster dies (killed, say): the coordinator owns it,
+    and nothing else would. The store's retries and the owners' read-backs carry the calls over the gap."""
+    while True:
+        await asyncio.sleep(POSTGRES_WATCH_S)
+        try:
+            await asyncio.to_thread(embedded.revive)
+        except Exception as exc:
+            log.error("embedded_postgres_restart_failed", error=str(exc) or type(exc).__name__)
 
 
 def tune_gc() -> None:

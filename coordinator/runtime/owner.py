@@ -379,6 +379,9 @@ class Owner:
             except Exception as exc:
                 if not isinstance(exc, Unavailable):
                     log.exception("reload_attempt_failed", taskset_id=self.model.id)
+                elif attempt == 0:
+                    # Its calls wait until the read-back succeeds: say why they do not move.
+                    log.warning("reload_waits_for_store", taskset_id=self.model.id, error=str(exc))
                 await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
                 continue
             if fresh is not None:

@@ -139,6 +139,26 @@ class EmbeddedPostgres:
         )
         return self._dsn
 
+    def revive(self) -> bool:
+        """Start the server again on its data directory when its postmaster has died; whether it did.
+
+        `EmbeddedPostgresError` (or an `OSError`) when the new start fails: the caller tries again later.
+        """
+        with self._lock:
+            postmaster, data_dir = self._postmaster, self._data_dir
+            if postmaster is None or data_dir is None or os.getpid() != self._owner_pid or _alive(postmaster):
+                return False
+            started = time.monotonic()
+            server, postmaster, _ = _start(data_dir)
+            self._server, self._postmaster, self._dsn = server, postmaster, server.get_uri()
+        _log.warning(
+            "embedded_postgres_restarted",
+            data_dir=str(data_dir),
+            pid=postmaster.pid,
+            elapsed_ms=round((time.monotonic() - started) * 1000),
+        )
+        return True
+
     def stop(self) -> None:
         """Stop the postmaster this object started or adopted, and only it; a no-op when stopped."""
         with self._lock:
@@ -167,6 +187,14 @@ class EmbeddedPostgres:
             pid=postmaster.pid,
             elapsed_ms=round((time.monotonic() - started) * 1000),
         )
+
+
+def _alive(process: Any) -> bool:
+    """Whether a psutil process still runs (a zombie does not)."""
+    try:
+        return bool(process.is_running()) and process.status() != "zombie"
+    except Exception:  # psutil's NoSuchProcess and AccessDenied: gone, or no longer ours to judge
+        return False
 
 
 def _checked_data_dir(data_dir: Path) -> Path:

@@ -2,7 +2,7 @@
 
 Each is started in a session of its own with the fleet's tag in its environment (see `tagged_pids`), its
 output in a log file of the fleet's. The faults are methods: `Coordinator.crash` (SIGKILL with its whole
-Postgres), `Coordinator.crash_postgres_backend`, `Coordinator.restart_postgres`, `Worker.kill_daemon`,
+Postgres), `Coordinator.crash_postgres_backend`, `Coordinator.stop_postgres`, `Worker.kill_daemon`,
 `Worker.freeze` (the whole host), `Worker.freeze_daemon`.
 """
 
@@ -217,25 +217,16 @@ class Coordinator:
                 server_log = (self.pgdata / "log").read_text(errors="replace")[-3000:]
             raise AssertionError(f"pg_ctl {' '.join(args)} failed:\n{done.stdout}{done.stderr}\n{server_log}")
 
-    def restart_postgres(self, down_s: float) -> tuple[float, float]:
-        """Stop Postgres under the running coordinator (fast shutdown), keep it down `down_s`, start it again.
-
-        The postmaster comes back with the options it had (postmaster.opts) but as a process the
-        coordinator did not start. Returns the wall-clock times it went down and came back.
-        """
-        words = _split_opts((self.pgdata / "postmaster.opts").read_text())[1:]
-        options = [
-            '""' if word == "" else word
-            for index, word in enumerate(words)
-            if word != "-D" and (index == 0 or words[index - 1] != "-D")
-        ]
-        log = self.fleet.root / "postgres-restart.log"
-        log.touch()
-        os.chown(log, self.pgdata.stat().st_uid, -1)
+    def stop_postgres(self, timeout_s: float = 60.0) -> tuple[float, float]:
+        """Stop Postgres under the running coordinator (fast shutdown) and wait until the coordinator, which
+        owns it, has started it again. Returns the wall-clock times it went down and was back."""
         self._pg_ctl("-m", "fast", "stop")
         down_at = time.time()
-        time.sleep(down_s)
-        self._pg_ctl("-o", " ".join(options), "-l", str(log), "start")
+        deadline = time.monotonic() + timeout_s
+        while not (self.events("embedded_postgres_restarted") and self.postgres_pids()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the coordinator did not start Postgres again within {timeout_s} s")
+            time.sleep(0.05)
         return down_at, time.time()
 
     def stop_leftover_postgres(self) -> None:

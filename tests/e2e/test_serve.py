@@ -191,3 +191,56 @@ def test_roles_sharing_a_token_are_named_and_an_empty_token_is_none(tmp_path: Pa
         "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path), "--client-token", "", "--worker-token", "w"
     )
     assert out.returncode == 2 and "the client role(s) have no token" in out.stderr, out.stderr
+
+
+def test_serve_starts_its_postgres_again_when_it_dies(tmp_path: Path) -> None:
+    """Before, a killed embedded Postgres stayed dead under a coordinator that waited for it for good."""
+    data_dir = Path(f"/tmp/testfleet-e2e-revive-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        proc, url = start_serve(data_dir)
+        try:
+            created = rpc(url, "create_taskset", "revive", "", "", "default", "c", 1, 1, [["a.py", "s", 5, 3]])
+            ref = created["result"]  # type: ignore[index]
+            pid_file = data_dir / "postgres" / "pgdata" / "postmaster.pid"
+            first = int(pid_file.read_text().split()[0])
+            os.kill(first, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+                        if json.loads(resp.read())["database"] is True and postmaster_alive(data_dir):
+                            break
+                except OSError:
+                    pass  # 503 while the database is away
+                assert time.monotonic() < deadline, "the embedded Postgres did not come back"
+                time.sleep(0.2)
+            assert int(pid_file.read_text().split()[0]) != first
+            deadline = time.monotonic() + 30
+            while "result" not in (status := rpc(url, "query_taskset_status", ref)):  # type: ignore[operator]
+                assert time.monotonic() < deadline, status
+                time.sleep(0.2)
+            assert status["result"] == "rsync_waiting"  # type: ignore[index]
+        finally:
+            assert stop(proc) == 0
+        assert not postmaster_alive(data_dir)
+    finally:
+        subprocess.run(["rm", "-rf", str(data_dir)], check=False)
+
+
+def test_library_warnings_are_log_lines_like_the_coordinators_own() -> None:
+    """The database driver's warnings came out as bare tracebacks among the JSON lines."""
+    script = (
+        "import logging\n"
+        "from coordinator.cli.serve import configure_logging\n"
+        "configure_logging('info')\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    logging.getLogger('asyncpg.pool').warning('Failed to restore the pool', exc_info=True)\n"
+        "logging.getLogger('asyncpg.pool').info('not shown')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    (line,) = done.stderr.splitlines()
+    record = json.loads(line)
+    assert record["logger"] == "asyncpg.pool" and record["level"] == "warning"
+    assert record["event"] == "Failed to restore the pool" and "ZeroDivisionError" in record["exception"]
