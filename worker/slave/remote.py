@@ -34,8 +34,10 @@ is closed.
 - A SIGTERM that comes before the slave's own handling of it is installed (pytest still starting)
   is caught here: the slave then takes no file and ends normally.
 - When the worker that started the slave is gone (`TESTFLEET_WORKER_PID` no longer names it),
-  the slave stops as on SIGTERM, its output pipes pointed at /dev/null first (nobody reads them
-  any more); if it has not begun to close `ORPHAN_EXIT_S` later, it exits. The slave holds a
+  its output pipes are pointed at /dev/null first (nobody reads them any more); a file that runs
+  goes on to its end and is reported (the slave talks to the coordinator itself; cutting the file
+  short would cost it an attempt), then the slave takes no other file and closes; an idle slave
+  stops as on SIGTERM. If it has not begun to close `ORPHAN_EXIT_S` after that, it exits. The slave holds a
   read end of its own output pipe from its start (never read while the worker lives), so what it
   writes between the worker's end and its noticing waits in the pipe rather than failing with
   EPIPE and ending pytest (`hold_pipes`). The watch runs in a thread of its own, which empties
@@ -556,17 +558,33 @@ class RemoteSource:
         while process_alive(pid, start_time):
             time.sleep(WORKER_POLL_S)
         self.worker_gone.set()
-        # Nobody reads the slave's output any more: writing it must not fail or block the give-back.
+        # Nobody reads the slave's output any more: writing it must not fail or block what follows.
         self._discard_output()
-        self._log.warning("worker_gone", worker_pid=pid)
-        if self._main_ident is not None and not self._closing.is_set():
+        # Logged from a thread of its own: another thread may hold the log's lock while blocked writing to
+        # the full pipe, which only this thread empties.
+        running = self._trial is not None
+        threading.Thread(
+            target=lambda: self._log.warning("worker_gone", worker_pid=pid, running=running),
+            name="testfleet-worker-gone-log",
+            daemon=True,
+        ).start()
+        if self._main_ident is not None and not self._closing.is_set() and self._trial is None:
             signal.pthread_kill(self._main_ident, signal.SIGTERM)
+        # A file that runs goes on to its end (its own timeouts bound it) and is reported: the slave talks
+        # to the coordinator itself, and a file cut short would cost one of its attempts. The next
+        # `dequeue_task` finds the worker gone and the slave closes.
         exit_at = time.monotonic() + ORPHAN_EXIT_S
         while self._closing.is_set() or time.monotonic() < exit_at:
+            if self._trial is not None:
+                exit_at = time.monotonic() + ORPHAN_EXIT_S  # counted from the end of the running file
             # What the files' own processes still write to the pipe is dropped as it comes.
             time.sleep(DRAIN_S)
             self._drain_held()
-        self._log.error("slave_orphaned_exit", after_s=ORPHAN_EXIT_S)
+        last_words = threading.Thread(
+            target=lambda: self._log.error("slave_orphaned_exit", after_s=ORPHAN_EXIT_S), daemon=True
+        )
+        last_words.start()
+        last_words.join(1.0)  # the log's lock may never come free (see above): exit regardless
         os._exit(ORPHAN_EXIT_CODE)
 
 
