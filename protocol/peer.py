@@ -299,7 +299,7 @@ class Peer:
                     bound_for = await self._serve(conn)
                     if conn.ws.close_code == CLOSE_REPLACED:
                         self.ended_by_server = conn.ws_close_reason()
-                        self._log.error("peer_replaced", reason=self.ended_by_server)
+                        self._log.warning("peer_replaced", reason=self.ended_by_server)
                         break
                     if bound_for is not None and not self._reconnect:
                         break

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from coordinator.cli.client import Client, CoordinatorUnavailable
@@ -35,6 +36,15 @@ WHY_WAITING_EVERY_S: Final = 5.0
 FAILED_TRIAL_STATUSES: Final = frozenset({"failed", "error", "timeout"})
 
 
+@dataclass
+class _Seen:
+    """Trials that notifications started, ended or failed while a read of all trials was on its way."""
+
+    started: set[int] = field(default_factory=set)
+    ended: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+
+
 class Follower:
     """Tracks one taskset until it is finished; `wait()` returns its final status."""
 
@@ -51,6 +61,7 @@ class Follower:
         self._peer: Peer | None = None
         self.worker_type: str | None = None
         self._why_waiting: str | None = None
+        self._seen: _Seen | None = None
 
     # -- what the coordinator tells -----------------------------------------------------
 
@@ -78,12 +89,18 @@ class Follower:
                 self.display.note(f"FAILED {self.paths.get(task_id, f'task {task_id}')}")
         elif isinstance(params, TrialCreated):
             state.running.add(params.trial_ref.id)
+            if self._seen is not None:
+                self._seen.started.add(params.trial_ref.id)
         elif isinstance(params, TrialUpdated):
             if params.finished_at is not None or params.trial_status is not None:
                 state.running.discard(params.trial_ref.id)
+                if self._seen is not None:
+                    self._seen.ended.add(params.trial_ref.id)
             if params.trial_status in FAILED_TRIAL_STATUSES and params.trial_ref.id not in self._failed_trials:
                 self._failed_trials.add(params.trial_ref.id)
                 state.failed_trials = len(self._failed_trials)
+                if self._seen is not None:
+                    self._seen.failed.add(params.trial_ref.id)
 
     def apply_summary(self, summary: TasksetSummary) -> None:
         self.state.status = summary.status
@@ -103,21 +120,29 @@ class Follower:
         await self._peer.call("listen_to_taskset", self.ref)
         self.apply_summary(await self._peer.call("query_taskset_summary", self.ref))
         # Trials that started or ended while no connection listened (before the first one too, for a
-        # taskset followed once running): the summary does not count them.
-        self.apply_trials(await self.client.get_json(f"/api/v1/tasksets/{self.ref.id}/tasks"))
+        # taskset followed once running): the summary does not count them. What notifications say while
+        # the read is on its way may be newer than what it returns: it is kept and applied on top.
+        self._seen = _Seen()
+        try:
+            body = await self.client.get_json(f"/api/v1/tasksets/{self.ref.id}/tasks")
+            seen = self._seen
+        finally:
+            self._seen = None
+        self.apply_trials(body, seen)
 
-    def apply_trials(self, body: Any) -> None:
-        """The running trials and the failed attempts from the read API's tasks (after listening, so a
-        notification that comes later only adds to it)."""
-        running: set[int] = set()
-        failed: set[int] = set()
+    def apply_trials(self, body: Any, seen: _Seen | None = None) -> None:
+        """The running trials and the failed attempts from the read API's tasks, with what notifications
+        said meanwhile (`seen`) on top."""
+        seen = seen or _Seen()
+        running: set[int] = set(seen.started)
+        failed: set[int] = set(seen.failed)
         for task in body["tasks"]:
             for trial in task.get("trials", ()):
                 if trial.get("finished_at") is None and trial.get("status") is None:
                     running.add(int(trial["id"]))
                 elif trial.get("status") in FAILED_TRIAL_STATUSES:
                     failed.add(int(trial["id"]))
-        self.state.running = running
+        self.state.running = running - seen.ended
         self._failed_trials = failed
         self.state.failed_trials = len(failed)
 

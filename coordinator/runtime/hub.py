@@ -83,8 +83,8 @@ class Connection:
         self.taskset_ids: set[int] = set()
         self.worker_name: str | None = None
         self.closed = False
-        self.close_code = 1008
-        self.close_reason = "outbox full"
+        self.close_code = 1001
+        self.close_reason = "going away"
         self.on_close: Callable[[], None] | None = None
         # Called when a frame is queued: the transport starts its writer on the first one, so a connection
         # that is only ever answered (most slaves) costs no writer task.
@@ -110,13 +110,13 @@ class Connection:
             self.outbox.put_nowait(frame)
         except asyncio.QueueFull:
             log.warning("connection_close", connection=self.id)
-            self.close()
+            self.close(1008, "outbox full")
             return
         if self.on_queued is not None:
             self.on_queued()
 
     def close(self, code: int | None = None, reason: str = "") -> None:
-        """Close it; the socket is closed with `code` and `reason` when given (1008, outbox full, if not)."""
+        """Close it; the socket is closed with `code` and `reason` when given (1001, going away, if not)."""
         if self.closed:
             return
         self.closed = True

@@ -8,7 +8,7 @@ from typing import cast
 import pytest
 
 from coordinator.cli.client import Client
-from coordinator.cli.follow import Follower
+from coordinator.cli.follow import Follower, _Seen
 from coordinator.cli.progress import NullDisplay, RunState, status_line
 from protocol.messages import ActiveWorker, TrialUpdated
 from protocol.types import TaskRef, TasksetRef, TrialRef, TrialStatus
@@ -82,3 +82,16 @@ def test_a_connection_counts_running_trials_and_failed_attempts_afresh() -> None
         "trial_updated", TrialUpdated(TS, TrialRef(2), TaskRef(11), TS, TrialStatus.ERROR, 0, 0, 1)
     )
     assert follower.state.running == set() and follower.state.failed_trials == 3
+
+
+def test_what_notifications_say_during_the_read_wins_over_it() -> None:
+    """A trial that ended while the read was on its way must not come back as running from the read."""
+    follower = mine()
+    follower._seen = _Seen()
+    follower.on_notification(
+        "trial_updated", TrialUpdated(TS, TrialRef(7), TaskRef(1), TS, TrialStatus.FAILED, 0, 0, 1)
+    )
+    seen, follower._seen = follower._seen, None
+    stale = {"tasks": [{"id": 1, "trials": [{"id": 7, "status": None, "finished_at": None}]}]}
+    follower.apply_trials(stale, seen)
+    assert follower.state.running == set() and follower.state.failed_trials == 1

@@ -600,19 +600,22 @@ def test_split_argv_hands_the_rest_to_pytest() -> None:
 
 def test_pytest_argv_loads_the_plugin_with_a_basetemp_of_its_own(tmp_path: Path) -> None:
     env = {**BASE_ENV, "TESTFLEET_WORKING_PATH": str(tmp_path / "w"), "SLAVE_NUMBER": "3"}
-    argv = slave_main.pytest_argv(env, ["-q", "-x"])
+    argv, cache = slave_main.pytest_argv(env, ["-q", "-x"])
     assert argv[:6] == [sys.executable, "-m", "pytest", "-p", "worker.slave.plugin", "-o"]
     assert argv[-3:] == ["--testfleet-slave", "-q", "-x"]
     basetemp = Path(next(word for word in argv if word.startswith("--basetemp=")).split("=", 1)[1])
     assert basetemp.name == "slave-3"
     # A pytest cache of its own beside it (slaves sharing a checkout would race on .pytest_cache).
-    assert argv[6] == f"cache_dir={basetemp.parent / 'slave-3-cache'}"
+    assert cache == basetemp.parent / "slave-3-cache" and argv[6] == f"cache_dir={cache}"
+    # With the cache plugin blocked, a cache_dir option would be an unknown one (--strict-config).
+    blocked, none = slave_main.pytest_argv(env, ["-p", "no:cacheprovider"])
+    assert none is None and not any(word.startswith("cache_dir=") for word in blocked)
     other_slot = slave_main.basetemp_for({**env, "SLAVE_NUMBER": "4"})
     other_tree = slave_main.basetemp_for({**env, "TESTFLEET_WORKING_PATH": str(tmp_path / "v")})
     assert other_slot.parent == basetemp.parent and other_slot != basetemp
     assert other_tree.parent != basetemp.parent
-    assert "--basetemp=/elsewhere" in slave_main.pytest_argv(env, ["--basetemp=/elsewhere"])
-    assert sum(word.startswith("--basetemp") for word in slave_main.pytest_argv(env, ["--basetemp", "/x"])) == 1
+    assert "--basetemp=/elsewhere" in slave_main.pytest_argv(env, ["--basetemp=/elsewhere"])[0]
+    assert sum(word.startswith("--basetemp") for word in slave_main.pytest_argv(env, ["--basetemp", "/x"])[0]) == 1
 
 
 @pytest.mark.parametrize("command", [["-m", "worker.slave"], ["-m", "coordinator.cli.main", "slave"]])

@@ -122,28 +122,27 @@ def cache_dir_beside(basetemp: Path) -> Path:
     return basetemp.with_name(f"{basetemp.name}-cache")
 
 
-def pytest_argv(environ: Mapping[str, str], extra: Sequence[str]) -> list[str]:
-    """The pytest command line of a slave."""
-    basetemp = basetemp_for(environ)
-    argv = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-p",
-        "worker.slave.plugin",
-        "-o",
-        f"cache_dir={cache_dir_beside(basetemp)}",
-    ]
-    if not any(word == "--basetemp" or word.startswith("--basetemp=") for word in extra):
+def _cache_disabled(words: Sequence[str]) -> bool:
+    """Whether the words block pytest's cache plugin (then a `cache_dir` option is an unknown one)."""
+    return any(
+        word in ("-pno:cacheprovider", "-p=no:cacheprovider")
+        or (word == "-p" and index + 1 < len(words) and words[index + 1] == "no:cacheprovider")
+        for index, word in enumerate(words)
+    )
+
+
+def pytest_argv(environ: Mapping[str, str], extra: Sequence[str]) -> tuple[list[str], Path | None]:
+    """The pytest command line of a slave, and the cache directory of its own it names (to empty first)."""
+    argv = [sys.executable, "-m", "pytest", "-p", "worker.slave.plugin"]
+    given_basetemp = any(word == "--basetemp" or word.startswith("--basetemp=") for word in extra)
+    basetemp = None if given_basetemp else basetemp_for(environ)
+    cache = None
+    if not _cache_disabled(extra):
+        cache = cache_dir_beside(basetemp or basetemp_for(environ))
+        argv += ["-o", f"cache_dir={cache}"]
+    if basetemp is not None:
         argv.append(f"--basetemp={basetemp}")
-    return [*argv, "--testfleet-slave", *extra]
-
-
-def empty_cache_dir(argv: Sequence[str]) -> None:
-    """Start the slave with an empty cache: `--lf` or `--sw` from another run must not choose its tests."""
-    for word in argv:
-        if word.startswith("cache_dir="):
-            shutil.rmtree(word.removeprefix("cache_dir="), ignore_errors=True)
+    return [*argv, "--testfleet-slave", *extra], cache
 
 
 def _fail(message: str) -> NoReturn:
@@ -198,8 +197,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return run_exec_slave(options.exec_template, options.kill_grace, env)
     sys.stdout.flush()
     sys.stderr.flush()
-    argv = pytest_argv(env, extra)
-    empty_cache_dir(argv)
+    argv, cache = pytest_argv(env, extra)
+    if cache is not None:
+        # An empty cache: `--lf` or `--sw` from another run must not choose this slave's tests.
+        shutil.rmtree(cache, ignore_errors=True)
     os.execve(sys.executable, argv, dict(env))  # noqa: S606 - argument list, no shell
 
 

@@ -214,6 +214,8 @@ class RemoteSource:
         self._peer: Peer | None = None
         self._slave: SlaveRef | None = None
         self._trial: tuple[int, TrialRef] | None = None
+        # A file handed to the session and not yet ended: from the dequeue's answer to the trial's end.
+        self._file_held = False
         self._leased: dict[int, TaskRef] = {}
         self._tried: set[int] = set()
         self._returned: set[int] = set()
@@ -241,7 +243,7 @@ class RemoteSource:
     # -- the TaskSource interface (any thread but the loop's) ---------------------------
 
     def next_task(self) -> FileTask | None:
-        if self._stop_requested.is_set():
+        if self._stop_requested.is_set() or self.worker_gone.is_set():
             return None
         self._wait(self._connected)
         return self._wait(self._submit(self._next()))
@@ -412,6 +414,7 @@ class RemoteSource:
                     await self._return_lease(task_id)
                     dequeue = asyncio.ensure_future(self._call("dequeue_task", self._taskset))
                     continue
+                self._file_held = True
                 return FileTask(task_id, dequeued.spec_path, dequeued.hard_timeout_sec, dequeued.soft_timeout_sec)
         finally:
             self._dequeuing = None
@@ -467,6 +470,7 @@ class RemoteSource:
     ) -> None:
         if self._trial is None or self._trial[0] != task.task_id:
             self._log.warning("trial_unknown", task_id=task.task_id, spec_path=task.spec_path)
+            self._file_held = False
             return
         trial = self._trial[1]
         self._write_state({"trial_id": None})
@@ -482,6 +486,7 @@ class RemoteSource:
             calls.append(self._call("current_trial", self._slave, None, timeout=timeout))
         await asyncio.gather(*calls)
         self._trial = None
+        self._file_held = False
 
     async def _give_back(self, task: FileTask) -> None:
         if self._trial is not None and self._trial[0] == task.task_id:
@@ -489,6 +494,7 @@ class RemoteSource:
             await self._end_trial(task, TrialStatus.ERROR, INTERRUPTED_NOTE, "", (None, None, None), STOP_CALL_S)
         else:
             await self._return_lease(task.task_id, STOP_CALL_S)
+        self._file_held = False
 
     async def _close(self, status: SlaveStatus) -> None:
         if self._start_report is not None:
@@ -562,21 +568,27 @@ class RemoteSource:
         self._discard_output()
         # Logged from a thread of its own: another thread may hold the log's lock while blocked writing to
         # the full pipe, which only this thread empties.
-        running = self._trial is not None
+        running = self._file_held
         threading.Thread(
             target=lambda: self._log.warning("worker_gone", worker_pid=pid, running=running),
             name="testfleet-worker-gone-log",
             daemon=True,
         ).start()
-        if self._main_ident is not None and not self._closing.is_set() and self._trial is None:
+        stopped = False
+        if self._main_ident is not None and not self._closing.is_set() and not self._file_held:
             signal.pthread_kill(self._main_ident, signal.SIGTERM)
+            stopped = True
         # A file that runs goes on to its end (its own timeouts bound it) and is reported: the slave talks
         # to the coordinator itself, and a file cut short would cost one of its attempts. The next
         # `dequeue_task` finds the worker gone and the slave closes.
         exit_at = time.monotonic() + ORPHAN_EXIT_S
         while self._closing.is_set() or time.monotonic() < exit_at:
-            if self._trial is not None:
+            if self._file_held:
                 exit_at = time.monotonic() + ORPHAN_EXIT_S  # counted from the end of the running file
+            elif not stopped and not self._closing.is_set() and self._main_ident is not None:
+                # The file is over: a dequeue already sent may wait for work that will not come.
+                signal.pthread_kill(self._main_ident, signal.SIGTERM)
+                stopped = True
             # What the files' own processes still write to the pipe is dropped as it comes.
             time.sleep(DRAIN_S)
             self._drain_held()

@@ -55,6 +55,19 @@ def collect_argument(spec_path: str, root: Path) -> str:
     return path if odd is None else "/".join(parts[:odd]) or "."
 
 
+def _modules_of(target: str, names: set[str]) -> list[str]:
+    """Those of the modules `names` whose file is `target`: a file collected again in this slave (a retry)
+    is imported afresh, as in a new process; its module's state, and what pytest keeps on its marks
+    (parametrize ids), would carry over. Only what collecting that file imported: a module that other
+    code imported first (a library module collected for its doctests) stays, as it would under pytest."""
+    found = []
+    for name in names:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(path, str) and os.path.abspath(path) == target:
+            found.append(name)
+    return found
+
+
 def _clear_stop(session: pytest.Session) -> None:
     """Unset `session.shouldstop`, which pytest 8 refuses through its setter (it warns and keeps it)."""
     if "_shouldstop" in vars(session):
@@ -109,7 +122,8 @@ class SlaveSession:
         self._watchdog = Watchdog(self._on_soft_deadline, self._on_hard_deadline)
         self._directories: dict[Path, pytest.Collector] = {}
         self._collected = 0
-        self._targets_seen: set[str] = set()
+        # Per file collected: the modules of that file its collection imported (a retry imports them afresh).
+        self._imported_by: dict[str, list[str]] = {}
         # -x and --maxfail stop a file, not the slave: pytest's own check (which cannot be
         # undone once it fires) is turned off and the slave counts failures per file.
         self._maxfail: int = config.option.maxfail
@@ -254,6 +268,8 @@ class SlaveSession:
             # not the slave.
             tally.note(f"pytest was asked to stop ({session.shouldstop}); the rest of {task.spec_path} did not run")
             _clear_stop(session)
+            if self._terms:
+                session.shouldstop = "testfleet: SIGTERM"  # one that came while the other was cleared
         timed_out = self._watchdog.disarm()
         self._state = _State.REPORTING
         self._current = None
@@ -270,9 +286,8 @@ class SlaveSession:
         root = self._config.invocation_params.dir
         target = os.path.abspath(root / file_of(task.spec_path, root))
         self._config.stash[TARGET] = target
-        if target in self._targets_seen:
-            self._forget_test_module(target)
-        self._targets_seen.add(target)
+        for name in self._imported_by.pop(target, ()):
+            sys.modules.pop(name, None)
         modules_before = set(sys.modules)
         try:
             with self._interruptible():
@@ -287,6 +302,7 @@ class SlaveSession:
             self._config.stash[TARGET] = None
         if tally.load_error:
             self._forget_half_imports(modules_before, target)
+        self._imported_by[target] = _modules_of(target, set(sys.modules) - modules_before)
         # perform_collect counts one file; the terminal's progress wants the slave's running total.
         self._collected += len(items)
         session.testscollected = self._collected
@@ -294,15 +310,6 @@ class SlaveSession:
             deselected = f" ({tally.deselected} deselected)" if tally.deselected else ""
             tally.note(f"no tests ran in {task.spec_path}{deselected}")
         return items
-
-    @staticmethod
-    def _forget_test_module(target: str) -> None:
-        """A file collected again in this slave (a retry) is imported afresh, as in a new process: its
-        module's state, and what pytest keeps on its marks (parametrize ids), would carry over."""
-        for name, module in list(sys.modules.items()):
-            path = getattr(module, "__file__", None)
-            if isinstance(path, str) and os.path.abspath(path) == target:
-                del sys.modules[name]
 
     def _forget_half_imports(self, modules_before: set[str], target: str) -> None:
         """Drop from sys.modules the test module and conftests whose import this collection began and
@@ -318,11 +325,9 @@ class SlaveSession:
         for name in set(sys.modules) - modules_before:
             module = sys.modules.get(name)
             path = getattr(module, "__file__", None)
-            if module is None or not isinstance(path, str):
+            if module is None or not isinstance(path, str) or plugins.is_registered(module):
                 continue
-            if os.path.abspath(path) == target or (
-                os.path.basename(path) == "conftest.py" and not plugins.is_registered(module)
-            ):
+            if os.path.abspath(path) == target or os.path.basename(path) == "conftest.py":
                 del sys.modules[name]
 
     def _run_items(self, session: pytest.Session, items: Sequence[pytest.Item], tally: FileTally) -> _FileEnd:
