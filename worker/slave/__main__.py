@@ -125,7 +125,7 @@ def cache_dir_beside(basetemp: Path) -> Path:
 def _cache_disabled(words: Sequence[str]) -> bool:
     """Whether the words block pytest's cache plugin (then a `cache_dir` option is an unknown one)."""
     return any(
-        word in ("-pno:cacheprovider", "-p=no:cacheprovider")
+        word == "-pno:cacheprovider"
         or (word == "-p" and index + 1 < len(words) and words[index + 1] == "no:cacheprovider")
         for index, word in enumerate(words)
     )

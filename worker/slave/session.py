@@ -55,19 +55,6 @@ def collect_argument(spec_path: str, root: Path) -> str:
     return path if odd is None else "/".join(parts[:odd]) or "."
 
 
-def _modules_of(target: str, names: set[str]) -> list[str]:
-    """Those of the modules `names` whose file is `target`: a file collected again in this slave (a retry)
-    is imported afresh, as in a new process; its module's state, and what pytest keeps on its marks
-    (parametrize ids), would carry over. Only what collecting that file imported: a module that other
-    code imported first (a library module collected for its doctests) stays, as it would under pytest."""
-    found = []
-    for name in names:
-        path = getattr(sys.modules.get(name), "__file__", None)
-        if isinstance(path, str) and os.path.abspath(path) == target:
-            found.append(name)
-    return found
-
-
 def _clear_stop(session: pytest.Session) -> None:
     """Unset `session.shouldstop`, which pytest 8 refuses through its setter (it warns and keeps it)."""
     if "_shouldstop" in vars(session):
@@ -300,9 +287,10 @@ class SlaveSession:
             tally.add_load_error(f"ERROR collecting {task.spec_path}", "".join(traceback.format_exception(exc)))
         finally:
             self._config.stash[TARGET] = None
+        imported = set(sys.modules) - modules_before
         if tally.load_error:
-            self._forget_half_imports(modules_before, target)
-        self._imported_by[target] = _modules_of(target, set(sys.modules) - modules_before)
+            self._forget_half_imports(imported, target)
+        self._imported_by[target] = self._modules_of(target, imported)
         # perform_collect counts one file; the terminal's progress wants the slave's running total.
         self._collected += len(items)
         session.testscollected = self._collected
@@ -311,9 +299,27 @@ class SlaveSession:
             tally.note(f"no tests ran in {task.spec_path}{deselected}")
         return items
 
-    def _forget_half_imports(self, modules_before: set[str], target: str) -> None:
-        """Drop from sys.modules the test module and conftests whose import this collection began and
-        did not finish.
+    def _modules_of(self, target: str, names: set[str]) -> list[str]:
+        """Those of the modules `names` (still imported, and not plugins pytest registered) whose file is
+        `target`.
+
+        A file collected again in this slave (a retry) is imported afresh, as in a new process: its
+        module's state, and what pytest keeps on its marks (parametrize ids), would carry over. Only what
+        collecting that file imported: a module that other code imported first (a library module collected
+        for its doctests) stays, as it would under pytest, and so does a conftest registered as a plugin.
+        """
+        plugins = self._config.pluginmanager
+        found = []
+        for name in names:
+            module = sys.modules.get(name)
+            path = getattr(module, "__file__", None)
+            if isinstance(path, str) and os.path.abspath(path) == target and not plugins.is_registered(module):
+                found.append(name)
+        return found
+
+    def _forget_half_imports(self, imported: set[str], target: str) -> None:
+        """Drop from sys.modules the test module and conftests whose import this collection began
+        (`imported`) and did not finish.
 
         pytest's importlib import mode puts a module in sys.modules before running it and leaves it there
         when it raises; its next import of the same path returns that half-run module. A retry of the file
@@ -322,13 +328,14 @@ class SlaveSession:
         module that failed.) A conftest that pytest registered as a plugin stays.
         """
         plugins = self._config.pluginmanager
-        for name in set(sys.modules) - modules_before:
+        unfinished = self._modules_of(target, imported)
+        for name in imported:
             module = sys.modules.get(name)
             path = getattr(module, "__file__", None)
-            if module is None or not isinstance(path, str) or plugins.is_registered(module):
-                continue
-            if os.path.abspath(path) == target or os.path.basename(path) == "conftest.py":
-                del sys.modules[name]
+            if isinstance(path, str) and os.path.basename(path) == "conftest.py" and not plugins.is_registered(module):
+                unfinished.append(name)
+        for name in unfinished:
+            sys.modules.pop(name, None)
 
     def _run_items(self, session: pytest.Session, items: Sequence[pytest.Item], tally: FileTally) -> _FileEnd:
         for index, item in enumerate(items):
