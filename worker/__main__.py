@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -12,28 +11,10 @@ from collections.abc import Sequence
 import structlog
 
 from protocol.errors import ProtocolError
+from protocol.logs import configure_logging
 from worker.config import SettingsError, WorkerSettings, build_parser, notices, settings_from_namespace
 from worker.daemon import Daemon, make_work_dir
 from worker.slaves import become_subreaper
-
-
-def configure_logging(level: str) -> None:
-    """structlog events on stderr: readable on a terminal, JSON lines otherwise."""
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 async def serve(settings: WorkerSettings) -> int:
@@ -57,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_namespace(args, os.environ)
     except SettingsError as exc:
         parser.error(str(exc))
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, colors=True)
     try:
         make_work_dir(settings.work_path)
     except OSError as exc:

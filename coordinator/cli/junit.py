@@ -14,6 +14,7 @@ Text is stripped of the characters XML 1.0 forbids before it is written.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -57,19 +58,24 @@ def _records(report: Report, trial: Trial | None) -> tuple[str, list[CaseRecord]
 _RESULT_TAG: Final = {"failed": "failure", "error": "error", "skipped": "skipped", "xfailed": "skipped"}
 
 
+def _failing(case: Case) -> list[CaseRecord]:
+    """The results of a case that are not passes, in order (those `_result_elements` describes)."""
+    return [record for record in case.results if record.outcome in _RESULT_TAG]
+
+
 def _result_elements(case: Case, human: str) -> Iterable[tuple[str, str, str]]:
     """(tag, message, text) of each non-passing result of a case."""
-    for record in case.results:
-        tag = _RESULT_TAG.get(record.outcome)
-        if tag is None:
-            continue
+    for record in _failing(case):
+        tag = _RESULT_TAG[record.outcome]
         text = failure_text(human, case.nodeid, record.when) if tag != "skipped" else None
         yield tag, record.message[:MAX_MESSAGE], text or record.message
 
 
 def _add_cases(
-    suite: ET.Element, cases: list[Case], human: str, history: dict[str, list[tuple[str, str, str]]]
+    suite: ET.Element, cases: list[Case], human: str, history: dict[str, list[tuple[str, str, str, str]]]
 ) -> None:
+    twinned = {nodeid for nodeid, count in collections.Counter(case.nodeid for case in cases).items() if count > 1}
+    written: set[str] = set()  # node ids of pairs whose first case is written
     for case in cases:
         element = _el(
             suite, "testcase", classname=case.classname, name=case.name, file=case.file, time=f"{case.time_s:.3f}"
@@ -80,20 +86,27 @@ def _add_cases(
                 attrs["type"] = "pytest.xfail" if any(r.outcome == "xfailed" for r in case.results) else "pytest.skip"
             _el(element, tag, text, **attrs)
         final_failed = case.verdict in ("failure", "error")
-        for tag, message, text in history.get(case.nodeid, []):
+        earlier = history.get(case.nodeid, [])
+        if case.nodeid in twinned:
+            # pytest's pair of cases for a failed call and a teardown error: each takes the earlier failures of
+            # its own phases (the teardown case those of the teardown, the other case the rest).
+            teardown_case = case.nodeid in written
+            written.add(case.nodeid)
+            earlier = [entry for entry in earlier if (entry[3] == "teardown") == teardown_case]
+        for tag, message, text, _ in earlier:
             kind = "Failure" if tag == "failure" else "Error"
             _el(element, f"{'rerun' if final_failed else 'flaky'}{kind}", text, message=message)
 
 
-def _history(report: Report, task: TaskRecord) -> dict[str, list[tuple[str, str, str]]]:
-    """Failures of each case in the file's earlier failed attempts, by node id."""
-    found: dict[str, list[tuple[str, str, str]]] = {}
+def _history(report: Report, task: TaskRecord) -> dict[str, list[tuple[str, str, str, str]]]:
+    """Failures of each case in the file's earlier failed attempts, by node id: (tag, message, text, phase)."""
+    found: dict[str, list[tuple[str, str, str, str]]] = {}
     for trial in earlier_failures(task):
         human, records = _records(report, trial)
         for case in group_cases(records or []):
-            for tag, message, text in _result_elements(case, human):
+            for (tag, message, text), record in zip(_result_elements(case, human), _failing(case), strict=True):
                 if tag in ("failure", "error"):
-                    found.setdefault(case.nodeid, []).append((tag, message, text))
+                    found.setdefault(case.nodeid, []).append((tag, message, text, record.when))
     return found
 
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import gc
 import ipaddress
-import logging
 import os
 import signal
 import socket
@@ -26,6 +25,7 @@ from coordinator.store.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from coordinator.transport import keys
 from coordinator.transport.app import build_app
 from coordinator.transport.rpc import Tokens
+from protocol.logs import configure_logging
 
 log = structlog.get_logger("testfleet.serve")
 
@@ -174,41 +174,6 @@ def is_loopback(host: str) -> bool:
             return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
         except OSError:
             return False
-
-
-def configure_logging(level: str) -> None:
-    numeric = getattr(logging, level.upper(), logging.INFO)
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer(colors=False) if sys.stderr.isatty() else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
-    # Libraries' records (the database driver's warnings, say) as the same lines, not bare tracebacks.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[
-                structlog.stdlib.add_log_level,
-                structlog.stdlib.add_logger_name,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                structlog.processors.format_exc_info,
-            ],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(max(numeric, logging.WARNING))
 
 
 async def serve(settings: ServeSettings, ready: Callable[[str], None] | None = None) -> int:

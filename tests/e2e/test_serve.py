@@ -231,7 +231,7 @@ def test_library_warnings_are_log_lines_like_the_coordinators_own() -> None:
     """The database driver's warnings came out as bare tracebacks among the JSON lines."""
     script = (
         "import logging\n"
-        "from coordinator.cli.serve import configure_logging\n"
+        "from protocol.logs import configure_logging\n"
         "configure_logging('info')\n"
         "try:\n"
         "    1 / 0\n"
@@ -244,3 +244,20 @@ def test_library_warnings_are_log_lines_like_the_coordinators_own() -> None:
     record = json.loads(line)
     assert record["logger"] == "asyncpg.pool" and record["level"] == "warning"
     assert record["event"] == "Failed to restore the pool" and "ZeroDivisionError" in record["exception"]
+
+
+def test_the_worker_logs_library_records_as_its_own_lines_too() -> None:
+    """The worker's libraries (the WebSocket client, say) wrote bare text among its JSON lines."""
+    script = (
+        "import logging, sys\n"
+        "import worker.__main__ as entry\n"
+        "entry.configure_logging('warning', colors=True)\n"
+        "logging.getLogger('aiohttp.client').warning('Unclosed client session')\n"
+        "import structlog\n"
+        "structlog.get_logger('testfleet.worker').info('not shown')\n"
+        "structlog.get_logger('testfleet.worker').warning('shown')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    first, second = (json.loads(line) for line in done.stderr.splitlines())
+    assert first["logger"] == "aiohttp.client" and first["event"] == "Unclosed client session"
+    assert second["event"] == "shown" and second["level"] == "warning"

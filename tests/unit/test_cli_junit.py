@@ -206,3 +206,30 @@ def test_final_trial_and_counts() -> None:
 
 def test_xml_text() -> None:
     assert xml_text("a\x00b\x08c\td\ne\rf\U0001f600") == "abc\td\ne\rf\U0001f600"
+
+
+def test_a_failed_call_and_teardown_error_pair_takes_each_its_own_earlier_failures() -> None:
+    """pytest lists a failed call followed by a teardown error as two cases of one node id: each case carries
+    the earlier attempts' failures of its own phase (both carried both before)."""
+    pair = (
+        {"nodeid": "t_pair.py::test_p", "when": "call", "outcome": "failed", "message": "call broke"},
+        {"nodeid": "t_pair.py::test_p", "when": "teardown", "outcome": "error", "message": "teardown broke"},
+    )
+    first = trial(1, "failed", (0, 0, 2), records(*pair), minute=0)
+    second = trial(2, "failed", (0, 0, 2), records(*pair), minute=1)
+    only_call = trial(3, "failed", (0, 0, 1), records(pair[0]), minute=2)
+    for final, expected in (
+        (second, [["failure", "rerunFailure"], ["error", "rerunError"]]),
+        # The last attempt failed its call only: its one case carries both phases of the earlier pair.
+        (only_call, [["failure", "rerunFailure", "rerunError"]]),
+    ):
+        report = Report(
+            TasksetRecord(9, "failed", taskset_class="demo"), [TaskRecord(1, "t_pair.py", "failed", 2, [first, final])]
+        )
+        report.outputs = {t.id: t for t in (first, final)}
+        root = build_xml(report).getroot()
+        cases = list(root.iter("testcase"))
+        assert [[child.tag for child in case] for case in cases] == expected
+        messages = [[child.get("message") for child in case if child.tag.startswith("rerun")] for case in cases]
+        if len(cases) == 2:
+            assert messages == [["call broke"], ["teardown broke"]]
