@@ -98,6 +98,10 @@ class TrialState:
     created_at: dt.datetime
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    timed: bool = True
+    """Whether its start and finish are stamped as they happened. Stamps are taken when the calls arrive: a
+    trial that was open while its slave's connection was lost, or across a restart of the coordinator, may
+    have ended long before its finish came in, so it adds no history sample."""
 
 
 @dataclass(slots=True)
@@ -434,9 +438,17 @@ class TasksetModel:
             now = min(now, trial.finished_at)
         trial.started_at = now
         fx.writes.append(Write("start_trial", (trial_id, now)))
-        if trial.finished_at is not None and trial.status in (TrialStatus.PASSED, TrialStatus.PENDING):
+        if trial.finished_at is not None and trial.status in (TrialStatus.PASSED, TrialStatus.PENDING) and trial.timed:
             fx.writes.append(self._sample(trial))
         return fx
+
+    def untime_open_trials(self, slave_ids: Iterable[int]) -> None:
+        """These slaves' connection is lost: their open trials' finishes may come late, and feed no history."""
+        slaves = set(slave_ids)
+        for trial_id in self.open_trials:
+            trial = self.trials[trial_id]
+            if trial.slave_id in slaves:
+                trial.timed = False
 
     def _sample(self, trial: TrialState) -> Write:
         """The history sample of a passed or pending trial that has both ends."""
@@ -466,7 +478,7 @@ class TasksetModel:
         stderr = storable_output(stderr, self.output_limit)
         fx.writes.append(Write("finish_trial", (trial_id, status.value, stdout, stderr, *counts, now)))
         task = self.tasks[trial.task_id]
-        if status in (TrialStatus.PASSED, TrialStatus.PENDING) and trial.started_at is not None:
+        if status in (TrialStatus.PASSED, TrialStatus.PENDING) and trial.started_at is not None and trial.timed:
             fx.writes.append(self._sample(trial))
         fx.notes.append(
             TrialUpdated(

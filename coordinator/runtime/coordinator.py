@@ -291,7 +291,7 @@ class Coordinator:
             if owner is None:
                 continue
             with contextlib.suppress(Exception):
-                await owner.run(_releaser(conn.id))
+                await owner.run(_releaser(conn.id, frozenset(conn.slave_ids)))
             for slave_id in conn.slave_ids:
                 slave = owner.model.slaves.get(slave_id)
                 if slave is not None and slave.status is None and owner.model.active:
@@ -562,8 +562,11 @@ def _finish_trial_command(p: m.FinishTrialParams) -> Command:
     )
 
 
-def _releaser(holder: int) -> Callable[[TasksetModel, dt.datetime], tuple[None, Effects]]:
+def _releaser(holder: int, slave_ids: frozenset[int]) -> Callable[[TasksetModel, dt.datetime], tuple[None, Effects]]:
+    """A closed connection's leases go back; its slaves' open trials feed no history (see `TrialState.timed`)."""
+
     def release(model: TasksetModel, now: dt.datetime) -> tuple[None, Effects]:
+        model.untime_open_trials(slave_ids)
         return None, model.release_holder(holder)
 
     return release

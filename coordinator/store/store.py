@@ -330,6 +330,8 @@ class Store:
                     created_at=r["created_at"],
                     started_at=r["started_at"],
                     finished_at=r["finished_at"],
+                    # Open when the state was read (a restart): its finish may come after the wait.
+                    timed=r["status"] is not None,
                 )
             )
         for t in tasks:

@@ -105,6 +105,29 @@ async def test_longest_expected_first_from_history(database_url: str, tmp_path: 
         del slave2
 
 
+async def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history(database_url: str, tmp_path: Path) -> None:
+    """A slave cut off mid-file sends its finish once it is back: that trial's time includes the wait."""
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [task("cut.py"), task("kept.py")])
+        async with h.client() as first:
+            slave_ref = await first.call("create_slave", "s1", ref)
+            task_ref, path, *_ = await first.call("dequeue_task", ref)
+            cut = await first.call("create_trial", task_ref, slave_ref)
+            await first.call("start_trial", cut)
+        async with h.client() as again:
+            await again.call("current_trial", slave_ref, cut)
+            await asyncio.sleep(1.1)
+            await again.call("finish_trial", cut, "passed", "", "", 1, 0, 0)
+            task_ref, other, *_ = await again.call("dequeue_task", ref)
+            kept = await again.call("create_trial", task_ref, slave_ref)
+            await again.call("start_trial", kept)
+            await asyncio.sleep(1.1)
+            await again.call("finish_trial", kept, "passed", "", "", 1, 0, 0)
+        assert await h.call("query_taskset_status", ref) == "succeeded"
+        assert await h.call("query_spec_average_sec", "proj", f"sha-{path}") is None
+        assert await h.call("query_spec_average_sec", "proj", f"sha-{other}") == 1
+
+
 async def test_lease_returns_when_connection_closes(database_url: str, tmp_path: Path) -> None:
     async with running_coordinator(database_url, tmp_path) as h:
         ref = await new_taskset(h, [task("only.py")])

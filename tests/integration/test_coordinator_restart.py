@@ -15,11 +15,11 @@ async def test_restart_mid_taskset_finishes_with_nothing_lost(database_url: str,
         s1 = await c.call("create_slave", "s1", ref)
         s2 = await c.call("create_slave", "s2", ref)
         log_ref = await c.call("create_worker_log", "w1", ref)
-        done, *_ = await c.call("dequeue_task", ref)
+        done, done_path, *_ = await c.call("dequeue_task", ref)
         t_done = await c.call("create_trial", done, s1)
         await c.call("start_trial", t_done)
         await c.call("finish_trial", t_done, "passed", "", "", 1, 0, 0)
-        running, *_ = await c.call("dequeue_task", ref)
+        running, running_path, *_ = await c.call("dequeue_task", ref)
         t_running = await c.call("create_trial", running, s1)
         await c.call("current_trial", s1, t_running)
         await c.call("start_trial", t_running)
@@ -27,7 +27,7 @@ async def test_restart_mid_taskset_finishes_with_nothing_lost(database_url: str,
         t_orphan = await c.call("create_trial", orphan, s2)
         await c.call("current_trial", s2, t_orphan)
         await c.call("start_trial", t_orphan)
-        leased, *_ = await c.call("dequeue_task", ref)  # a lease is not durable: it goes back to the queue
+        leased, leased_path, *_ = await c.call("dequeue_task", ref)  # a lease is not durable: it goes back to the queue
 
     async with running_coordinator(database_url, tmp_path, settings=settings) as h, h.client() as c:
         assert await h.call("query_taskset_status", ref) == "running"
@@ -58,5 +58,9 @@ async def test_restart_mid_taskset_finishes_with_nothing_lost(database_url: str,
         assert by_task[orphan[1]]["status"] == "passed" and by_task[orphan[1]]["trial_count"] == 2
         assert by_task[leased[1]]["trial_count"] == 1
         assert by_task[done[1]]["trial_count"] == 1
+        # History: the trial that ran across the restart adds no sample (its finish came after the wait).
+        assert await h.call("query_spec_average_sec", "proj", f"sha-{done_path}") == 0
+        assert await h.call("query_spec_average_sec", "proj", f"sha-{running_path}") is None
+        assert await h.call("query_spec_average_sec", "proj", f"sha-{leased_path}") == 0
         _, slaves = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
         assert {s["name"]: s["status"] for s in slaves["slaves"]}["s2"] == "failure_exit"

@@ -259,3 +259,25 @@ def test_history_sample_whichever_of_start_and_result_comes_first() -> None:
     assert [w.args[3] for w in fx.writes if w.query == "insert_spec_sample"] == [0]
     assert m.trials[second.id].started_at == T0 + dt.timedelta(seconds=1)
     assert m.start_trial(second.id, T0 + dt.timedelta(seconds=9)).writes == []
+
+
+def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history() -> None:
+    """Its finish may come in long after the file ended (the slave waited to reconnect): no sample of it."""
+    m = model([1.0, 1.0])
+    new = ids()
+    cut, kept = (m.create_trial(100 + i, slave, lambda: next(new), T0)[0] for i, slave in enumerate((7, 8)))
+    for ref in (cut, kept):
+        m.start_trial(ref.id, T0)
+    m.untime_open_trials([7])
+    late = T0 + dt.timedelta(seconds=30)
+    for ref, samples in ((cut, []), (kept, [30000])):
+        fx = m.finish_trial(ref.id, TrialStatus.PASSED, "", "", (1, 0, 0), late)
+        assert [w.args[3] for w in fx.writes if w.query == "insert_spec_sample"] == samples
+    assert m.tasks[100].status is TaskStatus.PASSED  # the verdict is not affected
+    # A start that comes after the result (both sent at once, after the reconnect) adds none either.
+    m2 = model([1.0])
+    third, _ = m2.create_trial(100, 7, lambda: next(new), T0)
+    m2.untime_open_trials([7])
+    m2.finish_trial(third.id, TrialStatus.PASSED, "", "", (1, 0, 0), late)
+    fx = m2.start_trial(third.id, late)
+    assert [w.query for w in fx.writes] == ["start_trial"]
