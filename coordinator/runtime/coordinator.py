@@ -232,10 +232,8 @@ class Coordinator:
     # -- listener callbacks (from owners) ------------------------------------------
 
     def published(self, model: TasksetModel, fx: Effects, started: float) -> None:
-        if fx.notes:
-            self.hub.publish_taskset(model.id, fx.notes)
-        if fx.global_notes:
-            self.hub.publish_global(fx.global_notes)
+        if fx.notes or fx.global_notes:
+            self.hub.publish_taskset(model.id, fx.notes, fx.global_notes)
         if fx.notes or fx.global_notes:
             self.metrics.notification_lag.observe(time.perf_counter() - started)
         if model.active:

@@ -201,8 +201,26 @@ class Hub:
             for frame in frames:
                 conn.send(frame)
 
-    def publish_taskset(self, taskset_id: int, notes: list[Notification]) -> None:
-        self.publish(self.taskset_listeners.get(taskset_id, ()), notes)
+    def publish_taskset(self, taskset_id: int, notes: list[Notification], global_notes: list[Notification]) -> None:
+        """A taskset's notifications to its listeners, and those for all to the global listeners.
+
+        A connection that listens to both gets each notification once: the global ones that the taskset's
+        list holds too (its status and counts) come to it in the taskset's order.
+        """
+        listeners = self.taskset_listeners.get(taskset_id)
+        if not listeners:
+            self.publish(self.global_listeners, global_notes)
+            return
+        self.publish(listeners, notes)
+        if not global_notes or not self.global_listeners:
+            return
+        both = listeners & self.global_listeners
+        if both:
+            sent = {id(note) for note in notes}
+            self.publish(both, [note for note in global_notes if id(note) not in sent])
+            self.publish(self.global_listeners - both, global_notes)
+        else:
+            self.publish(self.global_listeners, global_notes)
 
     def publish_global(self, notes: list[Notification]) -> None:
         self.publish(self.global_listeners, notes)

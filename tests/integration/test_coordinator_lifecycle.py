@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import asyncpg
@@ -205,6 +206,26 @@ async def test_cancel_and_fail_are_idempotent_and_final(database_url: str, tmp_p
         assert created[0][3:] == ["dev1", "default", "proj"]
         statuses = [(p[1][1], p[2].get("status")) for n, p in notes if n == "taskset_updated" and "status" in p[2]]
         assert (ref[1], "cancelled") in statuses and statuses.count((ref[1], "cancelled")) == 1
+
+
+async def test_a_connection_listening_to_both_gets_each_notification_once(database_url: str, tmp_path: Path) -> None:
+    """A taskset's status and counts are global and taskset notifications both: they came twice to a
+    connection listening to the taskset and to all (§6: at most once per connection)."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as both, h.client() as g, h.client() as s:
+        await both.call("listen_to_global")
+        await g.call("listen_to_global")
+        ref = await new_taskset(h, [task("a.py")], dispatch=False)
+        await both.call("listen_to_taskset", ref)
+        await h.call("dispatch_taskset", ref)
+        slave = await s.call("create_slave", "s1", ref)
+        await run_trial(s, ref, slave)
+        assert await h.call("query_taskset_status", ref) == "succeeded"
+        got = [(n, json.dumps(p)) for n, p in await both.drain()]
+        assert len(got) == len(set(got)), got
+        updates = [p for n, p in got if n == "taskset_updated"]
+        # waiting, the passed count, succeeded: each once, in commit order, to both listeners.
+        assert len(updates) == 3 and '"waiting"' in updates[0] and '"succeeded"' in updates[-1]
+        assert [p for n, p in ((n, json.dumps(p)) for n, p in await g.drain()) if n == "taskset_updated"] == updates
 
 
 async def test_rsync_name_conflict_and_cancel_user(database_url: str, tmp_path: Path) -> None:
