@@ -34,6 +34,8 @@ class Worker:
     assigning: int | None = None
     """A taskset pushed to it whose `assign_taskset` is not answered yet."""
     queried: bool = False
+    refused: bool = False
+    """It refused our last push (busy, it said): offered nothing more until its next `current_taskset`."""
 
 
 @dataclass
@@ -86,6 +88,8 @@ class Workers:
             if not worker.conn.closed:
                 log.warning("worker_replaced", worker=name, old_connection=worker.conn.id, new_connection=conn.id)
                 worker.conn.close(CLOSE_REPLACED, f"worker {name} registered on another connection")
+            # Its place in a taskset is taken again below if it still runs it (a reconnect), and freed if not.
+            self._release(worker)
             worker = None
         if worker is None:
             worker = Worker(name, worker_type, conn, None, now)
@@ -94,6 +98,7 @@ class Workers:
             log.info("worker_registered", worker=name, worker_type=worker_type, taskset_id=taskset_id)
         worker.last_seen = now
         worker.worker_type = worker_type
+        worker.refused = False
         if worker.assigning is not None:
             return  # its answer to our push is still coming; this heartbeat predates it
         self._set_taskset(worker, taskset_id)
@@ -134,12 +139,15 @@ class Workers:
         self.rebalance()
 
     def connection_closed(self, conn: Connection) -> None:
+        """A free worker is gone at once; one that runs a taskset keeps its place in it (so `max_workers` holds
+        when it reconnects and says it still runs it) until it misses its heartbeats, as a silent one would."""
         if conn.worker_name is None:
             return
         worker = self.by_name.get(conn.worker_name)
         if worker is not None and worker.conn is conn:
             log.info("worker_disconnected", worker=worker.name, taskset_id=worker.taskset_id)
-            self._drop(worker)
+            if worker.taskset_id is None or worker.assigning is not None:
+                self._drop(worker)
 
     async def _query(self, worker: Worker) -> None:
         """On registration, ask the worker itself what it runs: its answer wins over its claim."""
@@ -184,7 +192,11 @@ class Workers:
 
     def rebalance(self) -> None:
         """Push tasksets to free workers, oldest taskset first, up to each one's max_workers."""
-        free = {w.name: w.worker_type for w in self.by_name.values() if w.taskset_id is None and w.assigning is None}
+        free = {
+            w.name: w.worker_type
+            for w in self.by_name.values()
+            if w.taskset_id is None and w.assigning is None and not w.refused and not w.conn.closed
+        }
         if not free or not self.tasksets:
             return
         openings = [Opening(tid, t.worker_type, t.max_workers, len(t.assigned)) for tid, t in self.tasksets.items()]
@@ -207,6 +219,7 @@ class Workers:
                 accepted = response.error is None
                 if not accepted:
                     log.info("assign_refused", worker=worker.name, taskset_id=taskset_id, error=str(response.error))
+                    worker.refused = True
         except (ConnectionGone, TimeoutError):
             pass
         finally:

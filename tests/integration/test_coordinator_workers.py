@@ -81,7 +81,11 @@ async def test_free_worker_gets_the_oldest_taskset_and_refusal_is_undone(databas
         request = await w.next_request("assign_taskset")
         assert request["params"][0] == old
         await w.answer(request, error=(-32009, "busy"))
-        # Offered again after its refusal (it said it is free).
+        # A worker that says it is busy is not offered work again (it was, every half second) until its next
+        # heartbeat says it is free.
+        with pytest.raises(TimeoutError):
+            await w.next_request("assign_taskset", timeout=1.5)
+        await register(w, "w1")
         again = await w.next_request("assign_taskset", timeout=5)
         assert again["params"][0] == old
         await w.answer(again, None)
@@ -89,17 +93,66 @@ async def test_free_worker_gets_the_oldest_taskset_and_refusal_is_undone(databas
         assert workers == [["w1", "default", old]]
 
 
-async def test_disconnected_worker_frees_its_slot(database_url: str, tmp_path: Path) -> None:
-    async with running_coordinator(database_url, tmp_path) as h:
+async def test_disconnected_worker_frees_its_slot_once_its_heartbeats_are_missed(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = RuntimeSettings(heartbeat_s=1.0, missed_heartbeats=2)
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h:
         ref = await new_taskset(h, [task("a.py")], max_workers=1)
         async with h.client() as first:
             await register(first, "w1")
             await first.answer(await first.next_request("assign_taskset"), None)
+        closed = time.monotonic()
         async with h.client() as second:
             await register(second, "w2")
-            request = await second.next_request("assign_taskset", timeout=5)
+
+            async def beat() -> None:
+                while True:
+                    await asyncio.sleep(0.5)
+                    await register(second, "w2")
+
+            beating = asyncio.create_task(beat())
+            try:
+                request = await second.next_request("assign_taskset", timeout=10)
+            finally:
+                beating.cancel()
+            assert time.monotonic() - closed >= 1.5  # not before w1 missed its heartbeats (2 s after the last)
             assert request["params"][0] == ref
             await second.answer(request, None)
+            assert await h.call("active_workers") == [["w2", "default", ref]]
+
+
+async def test_a_worker_that_reconnects_keeps_its_place_and_max_workers_holds(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Its slot went at once to another worker, and its reconnect then made two workers of a taskset of one."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as other:
+        ref = await new_taskset(h, [task("a.py")], max_workers=1)
+        async with h.client() as first:
+            await register(first, "w1")
+            await first.answer(await first.next_request("assign_taskset"), None)
+        await register(other, "w2")
+        with pytest.raises(TimeoutError):
+            await other.next_request("assign_taskset", timeout=1.0)
+        async with h.client() as again:
+            await register(again, "w1", "default", ref)
+            await again.answer(await again.next_request("query_taskset"), ref)
+            with pytest.raises(TimeoutError):
+                await other.next_request("assign_taskset", timeout=1.0)
+            assert await h.call("active_workers") == [["w1", "default", ref], ["w2", "default", None]]
+        # Back without it (its machine restarted, say): its place is free at once, for one of the two.
+        async with h.client() as fresh:
+            await register(fresh, "w1")
+            waits = {asyncio.create_task(c.next_request("assign_taskset", timeout=5)): c for c in (fresh, other)}
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in pending:
+                waiting.cancel()
+            (got,) = done
+            request = got.result()
+            assert request["params"][0] == ref
+            await waits[got].answer(request, None)
+            workers = await h.call("active_workers")
+            assert sorted(w[2] is not None for w in workers) == [False, True]
 
 
 async def test_silent_worker_is_dropped_after_missed_heartbeats(database_url: str, tmp_path: Path) -> None:
