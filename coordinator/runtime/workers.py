@@ -181,10 +181,13 @@ class Workers:
         entry = self.tasksets.pop(taskset_id, None)
         if entry is None:
             return
-        for name in entry.assigned:
+        for name in list(entry.assigned):
             worker = self.by_name.get(name)
             if worker is not None and worker.taskset_id == taskset_id:
-                self.coordinator.spawn(self._tell_finished(worker, taskset_id), f"finished-{name}")
+                if worker.conn.closed:
+                    self._drop(worker)  # it kept a place that is gone now (see `connection_closed`)
+                else:
+                    self.coordinator.spawn(self._tell_finished(worker, taskset_id), f"finished-{name}")
 
     async def _tell_finished(self, worker: Worker, taskset_id: int) -> None:
         with contextlib.suppress(ConnectionGone, TimeoutError):

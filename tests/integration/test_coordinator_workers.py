@@ -205,3 +205,17 @@ async def test_the_older_connection_of_a_name_is_closed_with_4001(database_url: 
         assert older.ws.close_code == 4001
         await register(newer, name)
         assert [x[0] for x in await h.call("active_workers")] == [name]
+
+
+async def test_a_disconnected_worker_leaves_with_the_taskset_it_kept_a_place_in(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [task("a.py")], max_workers=1)
+        async with h.client() as first:
+            await register(first, "w1")
+            await first.answer(await first.next_request("assign_taskset"), None)
+        assert await h.call("active_workers") == [["w1", "default", ref]]
+        await h.call("cancel_taskset", ref)
+        await until(lambda: not h.server.app[keys.COORDINATOR].workers.by_name)
+        assert await h.call("active_workers") == []
