@@ -267,6 +267,19 @@ class TasksetCreated(Params, frozen=True):
 CLOSE_REPLACED: Final = 4001
 """The WebSocket close code of a worker's connection when another connection registers its name."""
 
+CASES_MARKER: Final = "[testfleet:cases]"
+"""The line that opens a pytest slave's per-test records at the end of a trial's stdout (§2)."""
+
+
+def split_cases_block(stdout: str) -> tuple[str, str]:
+    """`stdout` as its human part and its trailing per-test records (marker line included; "" when none)."""
+    index = stdout.rfind(f"\n{CASES_MARKER}\n")
+    if index >= 0:
+        return stdout[: index + 1], stdout[index + 1 :]
+    if stdout.startswith(f"{CASES_MARKER}\n"):
+        return "", stdout
+    return stdout, ""
+
 
 class Role(enum.StrEnum):
     VIEWER = "viewer"

@@ -23,7 +23,9 @@ from typing import Final
 
 import msgspec
 
-MARKER: Final = "[testfleet:cases]"
+from protocol.messages import CASES_MARKER, split_cases_block
+
+MARKER: Final = CASES_MARKER
 OUTCOMES: Final = frozenset({"passed", "failed", "skipped", "xfailed", "xpassed", "error"})
 _HEADER: Final = re.compile(r"^_{5,} (?P<title>.+?) _{5,}$", re.MULTILINE)
 
@@ -41,13 +43,10 @@ _DECODER: Final = msgspec.json.Decoder(CaseRecord)
 
 def split_output(stdout: str) -> tuple[str, list[CaseRecord] | None]:
     """The human part of a trial's stdout, and its case records (`None` when the slave wrote none)."""
-    index = stdout.rfind(f"\n{MARKER}\n")
-    if index >= 0:
-        human, block = stdout[: index + 1], stdout[index + len(MARKER) + 2 :]
-    elif stdout.startswith(f"{MARKER}\n"):
-        human, block = "", stdout[len(MARKER) + 1 :]
-    else:
+    human, block = split_cases_block(stdout)
+    if not block:
         return stdout, None
+    block = block[len(MARKER) + 1 :]
     records: list[CaseRecord] = []
     for line in block.splitlines():
         if not line.strip():

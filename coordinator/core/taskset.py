@@ -21,6 +21,7 @@ from protocol.messages import (
     TrialUpdated,
     WorkerLogCreated,
     WorkerLogUpdated,
+    split_cases_block,
 )
 from protocol.types import (
     SlaveHash,
@@ -46,10 +47,19 @@ MAX_SPEC_PATH_BYTES: Final = 1024
 WORKER_LOG_TIMES: Final = ("rsync_finished_at", "setup_finished_at", "rspec_finished_at", "finished_at")
 
 
-def storable_output(text: str, limit: int = DEFAULT_OUTPUT_LIMIT) -> str:
-    """Output as the store keeps it: NUL characters (which its text cannot hold) as U+FFFD, cut to `limit`."""
+def storable_output(text: str, limit: int = DEFAULT_OUTPUT_LIMIT, *, cases: bool = False) -> str:
+    """Output as the store keeps it: NUL characters (which its text cannot hold) as U+FFFD, cut to `limit`.
+
+    With `cases` (a trial's stdout), a trailing block of per-test records of at most a quarter of `limit` is
+    kept whole: only the text before it is cut (PROTOCOL.md §2).
+    """
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
+    if cases and len(text) * 4 > limit:
+        human, block = split_cases_block(text)
+        size = len(block.encode("utf-8", "replace"))
+        if block and size <= limit // 4:
+            return truncate_output(human, limit - size) + block
     return truncate_output(text, limit)
 
 
@@ -474,7 +484,7 @@ class TasksetModel:
         trial.status = status
         trial.finished_at = now
         self.open_trials.discard(trial_id)
-        stdout = storable_output(stdout, self.output_limit)
+        stdout = storable_output(stdout, self.output_limit, cases=True)
         stderr = storable_output(stderr, self.output_limit)
         fx.writes.append(Write("finish_trial", (trial_id, status.value, stdout, stderr, *counts, now)))
         task = self.tasks[trial.task_id]

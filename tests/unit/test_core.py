@@ -226,6 +226,20 @@ def test_storable_output_replaces_nul_before_it_counts_the_limit() -> None:
     assert cut.startswith("\ufffd" * 3) and "\x00" not in cut and "[testfleet: 21 bytes truncated]" in cut
 
 
+def test_a_trial_stdout_over_the_limit_keeps_its_case_records_whole() -> None:
+    """The text before the records is cut, not the records (§2); they were cut off, or cut in a line."""
+    block = '[testfleet:cases]\n{"nodeid": "t.py::a", "outcome": "passed"}\n'
+    for over in (10, 5000):
+        stdout = "y" * (1000 + over - len(block)) + "\n" + block
+        stored = storable_output(stdout, 1000, cases=True)
+        assert stored.endswith("\n" + block) and "bytes truncated]\n[testfleet:cases]" in stored
+        assert len(stored.encode()) <= 1000 + 40  # the limit, and the truncation line
+    # Records over a quarter of the limit are outside the promise: cut like any text.
+    big = "[testfleet:cases]\n" + '{"nodeid": "t.py::a", "outcome": "passed"}\n' * 10
+    assert not storable_output("y" * 1000 + "\n" + big, 1000, cases=True).endswith(big)
+    assert storable_output("y" * 2000 + "\n" + block, 1000).endswith("truncated]\n")  # stderr: no records
+
+
 @pytest.mark.parametrize(
     ("free", "openings", "plan"),
     [

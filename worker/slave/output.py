@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
+from protocol.messages import CASES_MARKER, split_cases_block
+
+__all__ = ["CASES_MARKER", "MAX_OUTPUT_BYTES", "OutputBuffer", "bound_text", "bound_with_block", "split_cases_block"]
+
 MAX_OUTPUT_BYTES: Final = 4 * 1024 * 1024
 
 
@@ -68,21 +72,6 @@ def bound_text(text: str, limit: int = MAX_OUTPUT_BYTES) -> str:
     buffer = OutputBuffer(limit)
     buffer.feed(data)
     return buffer.text()
-
-
-# The per-test records a pytest slave ends a trial's stdout with (PROTOCOL.md §2): this line, then
-# one JSON object a line. The CI client reads them; the exec runner writes none.
-CASES_MARKER: Final = "[testfleet:cases]"
-
-
-def split_cases_block(stdout: str) -> tuple[str, str]:
-    """`stdout` as its human part and its trailing case block (marker line included; "" when none)."""
-    index = stdout.rfind(f"\n{CASES_MARKER}\n")
-    if index >= 0:
-        return stdout[: index + 1], stdout[index + 1 :]
-    if stdout.startswith(f"{CASES_MARKER}\n"):
-        return "", stdout
-    return stdout, ""
 
 
 def bound_with_block(text: str, block: str, limit: int = MAX_OUTPUT_BYTES) -> str:
