@@ -290,6 +290,12 @@ def run(args: argparse.Namespace) -> int:
             roles=roles,
             note=f"one token opens the {' and '.join(roles)} roles; a peer that has it acts in each",
         )
+    if settings.viewer_token is not None and (settings.client_token is None or settings.worker_token is None):
+        structlog.get_logger("testfleet.serve").warning(
+            "viewer_token_unused",
+            note="the viewer token guards nothing while the client or worker role is open: "
+            "those roles may view, so everyone may; set --client-token and --worker-token too",
+        )
     if not is_loopback(settings.host) and not settings.insecure:
         open_roles = [r for r, t in (("client", settings.client_token), ("worker", settings.worker_token)) if not t]
         if open_roles:

@@ -31,7 +31,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Tokens:
-    """Role tokens; a role without a token is open to everyone."""
+    """Role tokens; a role without a token is open to everyone, with what its token would grant (the client
+    and worker roles grant the viewer's methods too, so while either is open, so is viewing)."""
 
     viewer: str | None = None
     client: str | None = None
@@ -39,22 +40,21 @@ class Tokens:
 
     def roles_for(self, presented: str | None) -> frozenset[Role]:
         roles: set[Role] = set()
-        for role, token, grants in (
-            (Role.VIEWER, self.viewer, {Role.VIEWER}),
-            (Role.CLIENT, self.client, {Role.CLIENT, Role.VIEWER}),
-            (Role.WORKER, self.worker, {Role.WORKER, Role.VIEWER}),
+        for token, grants in (
+            (self.viewer, {Role.VIEWER}),
+            (self.client, {Role.CLIENT, Role.VIEWER}),
+            (self.worker, {Role.WORKER, Role.VIEWER}),
         ):
-            if token is None:
-                roles.add(role)
-            elif presented is not None and hmac.compare_digest(token.encode(), presented.encode()):
+            if token is None or (presented is not None and hmac.compare_digest(token.encode(), presented.encode())):
                 roles |= grants
         return frozenset(roles)
 
 
 def presented_token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer "):
-        return header[len("Bearer ") :].strip()
+    """`Authorization: Bearer TOKEN` (the scheme's name in any case, as HTTP has it), else `?token=TOKEN`."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
     return request.query.get("token")
 
 

@@ -186,6 +186,17 @@ def test_roles_sharing_a_token_are_named_and_an_empty_token_is_none(tmp_path: Pa
     assert "token_shared" in out.stderr and "client and worker roles" in out.stderr, out.stderr
     out = serve_once("serve", "--data-dir", str(tmp_path / "a-file"), "--client-token", "a", "--worker-token", "b")
     assert "token_shared" not in out.stderr, out.stderr
+    # A viewer token beside an open client or worker role guards nothing (those roles may view): said at start.
+    out = serve_once("serve", "--data-dir", str(tmp_path / "a-file"), "--viewer-token", "v", "--client-token", "c")
+    assert "viewer_token_unused" in out.stderr, out.stderr
+    out = serve_once(
+        "serve",
+        "--data-dir",
+        str(tmp_path / "a-file"),
+        *("--viewer-token", "v", "--client-token", "c"),
+        "--worker-token=w",
+    )
+    assert "viewer_token_unused" not in out.stderr, out.stderr
     # An empty token leaves its role open, which a public address refuses, as it refuses no token at all.
     out = serve_once(
         "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path), "--client-token", "", "--worker-token", "w"

@@ -153,6 +153,20 @@ async def test_role_tokens(database_url: str, tmp_path: Path) -> None:
             assert resp.status == 200
 
 
+async def test_an_open_role_grants_what_its_token_would_and_the_scheme_is_any_case(
+    database_url: str, tmp_path: Path
+) -> None:
+    """With only a viewer token, the open client role let anyone call the viewer's methods over /rpc, while the
+    read API asked for the token: both now follow the open role. `bearer` is the same scheme as `Bearer`."""
+    async with running_coordinator(database_url, tmp_path, tokens=Tokens(viewer="v-secret")) as h:
+        assert await h.call("active_tasksets") == []
+        assert (await h.get("/api/v1/tasksets"))[0] == 200
+    async with running_coordinator(database_url, tmp_path, tokens=Tokens(viewer="v", client="c", worker="w")) as h:
+        for header, status in (("bearer v", 200), ("BEARER v", 200), ("Bearer  v ", 200), ("Basic v", 401)):
+            async with h.session.get(h.server.make_url("/api/v1/tasksets"), headers={"Authorization": header}) as resp:
+                assert resp.status == status, header
+
+
 async def test_read_api_and_errors(database_url: str, tmp_path: Path) -> None:
     async with running_coordinator(database_url, tmp_path) as h:
         refs = [await new_taskset(h, [task("a.py")], rsync_name=f"user{i}", dispatch=False) for i in range(3)]
