@@ -20,6 +20,9 @@ from protocol.errors import (
 from protocol.messages import NOTIFICATION_NAMES, MethodSpec, Notification, Params
 
 MAX_FRAME_BYTES: Final = 8 * 1024 * 1024
+"""The largest frame (or /rpc body) either side takes; one byte more closes the WebSocket with 1009."""
+WS_MAX_MSG_SIZE: Final = MAX_FRAME_BYTES + 1
+"""aiohttp's `max_msg_size`, which refuses a message of exactly its value: a frame of `MAX_FRAME_BYTES` passes."""
 MAX_BATCH: Final = 1000
 
 RequestId = int | str | None
@@ -199,7 +202,7 @@ def decode_frame(data: bytes | str | Raw, codec: Codec) -> Frame:
     rid: RequestId = None
     if env.id is not UNSET:
         if not _is_id(env.id):
-            raise InvalidRequest(f"id must be a number, a string or null, not {env.id!r}")
+            raise InvalidRequest(f"id must be an integer, a string or null, not {env.id!r}")
         rid = env.id
     if env.jsonrpc != "2.0":
         raise InvalidRequest('"jsonrpc" must be "2.0"', request_id=rid)
@@ -214,13 +217,15 @@ def decode_frame(data: bytes | str | Raw, codec: Codec) -> Frame:
         return Request(rid, env.method, params)
     if env.id is UNSET:
         raise InvalidRequest("a frame needs a method or an id")
+    # A malformed response is answered with id null: its id is one of ours, and an error carrying it would
+    # read to the peer as the answer to its own request of that id.
     if (env.result is UNSET) == (env.error is UNSET):
-        raise InvalidRequest("a response carries exactly one of result and error", request_id=rid)
+        raise InvalidRequest(f"a response (id {rid!r}) carries exactly one of result and error")
     if not isinstance(env.error, UnsetType):
         try:
             obj = _ERROR_DECODERS[codec].decode(env.error)
         except (msgspec.MsgspecError, *_UNREADABLE) as exc:
-            raise InvalidRequest(f"malformed error object: {exc}", request_id=rid) from exc
+            raise InvalidRequest(f"malformed error object in the response of id {rid!r}: {exc}") from exc
         return Response(rid, error=error_from_code(obj.code, obj.message, obj.data, rid))
     assert not isinstance(env.result, UnsetType)
     return Response(rid, result=env.result)
@@ -277,6 +282,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "SUBPROTOCOLS",
     "SUBPROTOCOL_OF",
+    "WS_MAX_MSG_SIZE",
     "Codec",
     "Frame",
     "NotificationFrame",

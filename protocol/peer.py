@@ -21,6 +21,7 @@ from yarl import URL
 from protocol.codec import (
     MAX_FRAME_BYTES,
     SUBPROTOCOL_OF,
+    WS_MAX_MSG_SIZE,
     Codec,
     NotificationFrame,
     Request,
@@ -335,7 +336,7 @@ class Peer:
                     self._url,
                     protocols=(subprotocol,),
                     headers=headers,
-                    max_msg_size=MAX_FRAME_BYTES,
+                    max_msg_size=WS_MAX_MSG_SIZE,
                     heartbeat=HEARTBEAT_S,
                     timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
                 )

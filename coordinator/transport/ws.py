@@ -30,7 +30,7 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
     liveness: Liveness = request.app[keys.LIVENESS]
     ws = web.WebSocketResponse(
         protocols=tuple(wire.SUBPROTOCOLS),
-        max_msg_size=wire.MAX_FRAME_BYTES,
+        max_msg_size=wire.WS_MAX_MSG_SIZE,
         # Pings are `Liveness`'s: a peer silent for a heartbeat period is pinged and dropped without a pong
         # within half of it, so a frozen or cut-off slave's connection closes (and its grace period starts)
         # on the same time scale as a silent worker is dropped. Its pings are answered below.
@@ -128,6 +128,8 @@ async def ws_view(request: web.Request) -> web.StreamResponse:
             peer.heard_at = clock()
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 try:
+                    if msg.type is WSMsgType.TEXT and codec is wire.Codec.MSGPACK:
+                        raise perr.ParseError("a testfleet.v1.msgpack connection takes binary frames, not text")
                     # Text frames are decoded as they came (str): no copy back to bytes.
                     frame = wire.decode_frame(msg.data, codec)
                 except perr.ProtocolError as exc:

@@ -65,6 +65,17 @@ async def test_malformed_frames_get_errors_and_connection_stays_open(database_ur
         assert await c.call("active_tasksets") == []
 
 
+async def test_a_text_frame_on_a_msgpack_connection_is_a_parse_error(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h:
+        ws = await h.session.ws_connect(h.server.make_url("/ws"), protocols=("testfleet.v1.msgpack",))
+        await ws.send_str("{}")
+        reply = msgspec.msgpack.decode((await ws.receive(timeout=5)).data)
+        assert reply["id"] is None and reply["error"]["code"] == -32700 and "binary" in reply["error"]["message"]
+        await ws.send_bytes(msgspec.msgpack.encode({"jsonrpc": "2.0", "id": 2, "method": "active_tasksets"}))
+        assert msgspec.msgpack.decode((await ws.receive(timeout=5)).data)["result"] == []
+        await ws.close()
+
+
 async def test_oversized_frame_closes_with_1009(database_url: str, tmp_path: Path) -> None:
     async with running_coordinator(database_url, tmp_path) as h:
         ws = await h.session.ws_connect(h.server.make_url("/ws"), max_msg_size=0)
@@ -82,6 +93,16 @@ async def test_oversized_frame_closes_with_1009(database_url: str, tmp_path: Pat
         # Only that connection ended; the coordinator serves the next one.
         async with h.client() as c:
             assert await c.call("active_tasksets") == []
+
+
+async def test_a_frame_of_exactly_the_limit_is_read(database_url: str, tmp_path: Path) -> None:
+    """ "Over the size limit" closes: a frame of exactly 8 MiB was closed with 1009 too."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        head = '{"jsonrpc":"2.0","id":1,"method":"active_tasksets","params":[],"pad":"'
+        frame = head + "a" * (8 * 1024 * 1024 - len(head) - 2) + '"}'
+        assert len(frame.encode()) == 8 * 1024 * 1024
+        reply = await c.raw(frame, timeout=30)
+        assert reply["id"] == 1 and reply["result"] == []
 
 
 async def test_rpc_transport_rules(database_url: str, tmp_path: Path) -> None:

@@ -411,7 +411,13 @@ def test_non_requests_are_invalid_requests(frame: Any, codec: Codec) -> None:
     assert caught.value.code == ErrorCode.INVALID_REQUEST
     assert int(caught.value.code) == -32600
     if isinstance(frame, dict) and type(frame.get("id")) is int:
-        assert caught.value.request_id == 1, "the id is kept when it could be read"
+        if "method" in frame:
+            assert caught.value.request_id == 1, "a request's id is kept when it could be read"
+        else:
+            # A response's id is the receiver's own: an error carrying it would answer the receiver's request.
+            assert caught.value.request_id is None
+    if isinstance(frame, dict) and frame.get("id") == 1.5:
+        assert "an integer, a string or null" in caught.value.message
 
 
 @pytest.mark.parametrize("codec", CODECS)
