@@ -242,7 +242,14 @@ def decode_params(spec: MethodSpec, raw: Raw | None, codec: Codec, request_id: R
     """Typed params for a method; `InvalidParams` on a wrong count, type or range."""
     try:
         params = _decoder(spec.params, codec).decode(_EMPTY_PARAMS[codec] if raw is None else raw)
-    except (msgspec.MsgspecError, *_UNREADABLE) as exc:
+    except UnicodeDecodeError as exc:
+        if codec is not Codec.JSON or raw is None:
+            # A msgpack str is UTF-8 by msgpack's own rule: there is no text to read with replacements.
+            raise InvalidParams(f"invalid params for {spec.name}: {exc}", request_id=request_id) from exc
+        # JSON bytes that are not UTF-8 (possible over /rpc; a WebSocket text frame is UTF-8 by rule): read
+        # with the invalid bytes replaced, as §2 says of output, and then checked like any params.
+        return decode_params(spec, Raw(bytes(raw).decode("utf-8", "replace").encode()), codec, request_id)
+    except (msgspec.MsgspecError, RecursionError) as exc:
         raise InvalidParams(f"invalid params for {spec.name}: {exc}", request_id=request_id) from exc
     assert isinstance(params, Params)
     return params

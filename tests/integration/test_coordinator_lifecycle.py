@@ -106,6 +106,27 @@ async def test_longest_expected_first_from_history(database_url: str, tmp_path: 
         del slave2
 
 
+async def test_output_that_is_not_utf8_over_rpc_is_stored_with_replacements(database_url: str, tmp_path: Path) -> None:
+    """§2: output is UTF-8 with invalid bytes replaced; over /rpc the whole finish_trial was refused instead."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as slave:
+        ref = await new_taskset(h, [task("a.py")])
+        slave_ref = await slave.call("create_slave", "s1", ref)
+        task_ref, *_ = await slave.call("dequeue_task", ref)
+        trial = await slave.call("create_trial", task_ref, slave_ref)
+        body = (
+            b'{"jsonrpc":"2.0","id":1,"method":"finish_trial","params":[["trial",%d],"passed","a\xffb","\xfe",1,0,0]}'
+            % trial[1]
+        )
+        status, reply = await h.rpc(None, raw=body)
+        assert status == 200 and reply["result"] is None, reply
+        status, stored = await h.get(f"/api/v1/trials/{trial[1]}")
+        assert stored["stdout"] == "a\ufffdb" and stored["stderr"] == "\ufffd" and stored["status"] == "passed"
+        # A name that is not UTF-8 is replaced too, and then checked like any name.
+        bad = b'{"jsonrpc":"2.0","id":2,"method":"cancel_user_taskset","params":["dev\xff"]}'
+        status, reply = await h.rpc(None, raw=bad)
+        assert reply["error"]["code"] == -32602, reply
+
+
 async def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history(database_url: str, tmp_path: Path) -> None:
     """A slave cut off mid-file sends its finish once it is back: that trial's time includes the wait."""
     async with running_coordinator(database_url, tmp_path) as h:
