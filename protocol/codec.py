@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 from typing import Any, Final
 
 import msgspec
@@ -250,9 +251,33 @@ def decode_params(spec: MethodSpec, raw: Raw | None, codec: Codec, request_id: R
         # with the invalid bytes replaced, as §2 says of output, and then checked like any params.
         return decode_params(spec, Raw(bytes(raw).decode("utf-8", "replace").encode()), codec, request_id)
     except (msgspec.MsgspecError, RecursionError) as exc:
-        raise InvalidParams(f"invalid params for {spec.name}: {exc}", request_id=request_id) from exc
+        where = _offending(spec, raw, codec, str(exc))
+        raise InvalidParams(f"invalid params for {spec.name}: {exc}{where}", request_id=request_id) from exc
     assert isinstance(params, Params)
     return params
+
+
+_AT: Final = re.compile(r"at `\$((?:\[\d+\])+)`")
+
+
+def _offending(spec: MethodSpec, raw: Raw | None, codec: Codec, message: str) -> str:
+    """` (param NAME, given VALUE)` for a message that points at a place in the params (§3: name the value)."""
+    found = _AT.search(message)
+    if found is None or raw is None:
+        return ""
+    path = [int(index) for index in re.findall(r"\d+", found.group(1))]
+    names = getattr(spec.params, "__struct_fields__", ())
+    name = names[path[0]] if path[0] < len(names) else None
+    try:
+        value: Any = (msgspec.json if codec is Codec.JSON else msgspec.msgpack).decode(raw)
+        for index in path:
+            value = value[index]
+    except Exception:
+        return f" (param {name})" if name else ""
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f" (param {name}, given {shown})" if name else f" (given {shown})"
 
 
 def decode_notification(method: str, raw: Raw | None, codec: Codec, table: dict[str, type[Params]]) -> Params:

@@ -630,3 +630,17 @@ def test_a_text_frame_decodes_as_it_came() -> None:
     assert (from_text.id, from_text.method) == (from_bytes.id, from_bytes.method) == (7, "start_trial")
     with pytest.raises(InvalidRequest):
         decode_frame("\xc2", Codec.MSGPACK)  # its UTF-8 bytes are a msgpack boolean, not a frame
+
+
+def test_an_invalid_param_is_named_with_the_value_given() -> None:
+    """§3: the message names the offending value; msgspec's own says only where (`$[6]`)."""
+    spec = COORDINATOR_METHODS["finish_trial"]
+    for codec in CODECS:
+        raw = msgspec.Raw(encode([["trial", 1], "passed", "", "", 1, 0, "x"], codec))
+        with pytest.raises(InvalidParams) as caught:
+            decode_params(spec, raw, codec)
+        assert "(param failed, given 'x')" in caught.value.message
+        raw = msgspec.Raw(encode([["task", 1], "passed", "", "", 1, 0, 0], codec))
+        with pytest.raises(InvalidParams) as caught:
+            decode_params(spec, raw, codec)
+        assert "(param trial_ref, given 'task')" in caught.value.message
