@@ -648,6 +648,8 @@ class TasksetModel:
                     trial.id, verdict, "", f"[testfleet: the slave ended ({status})]\n", (None, None, None), now
                 )
             )
+        if slave.current_trial_id is not None:
+            fx.extend(self.current_trial(slave_id, None, now))  # it runs nothing any more
         self._set_slave_status(slave, status, now, fx)
         return fx
 

@@ -313,11 +313,15 @@ async def test_force_finish_slave_ends_trials_as_timeout(database_url: str, tmp_
         s1 = await a.call("create_slave", "hanger", ref)
         task_ref, *_ = await a.call("dequeue_task", ref)
         trial = await a.call("create_trial", task_ref, s1)
+        await a.call("current_trial", s1, trial)
         await a.call("start_trial", trial)
         await h.call("force_finish_slave", "hanger", "timeout_exit")
         await h.call("force_finish_slave", "hanger", "timeout_exit")
         _, body = await h.get(f"/api/v1/trials/{trial[1]}")
         assert body["status"] == "timeout"
+        # The slave runs nothing any more: its current trial is cleared (it stayed set).
+        _, slaves = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
+        assert [(s["status"], s["current_trial"]) for s in slaves["slaves"]] == [("timeout_exit", None)]
         assert await h.call("query_taskset_status", ref) == "failed"
         with pytest.raises(RpcError) as exc:
             await h.call("force_finish_slave", "nobody", "failure_exit")
