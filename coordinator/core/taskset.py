@@ -265,14 +265,13 @@ class TasksetModel:
     # -- taskset lifecycle ---------------------------------------------------------
 
     def dispatch(self, now: dt.datetime) -> Effects:
-        """`rsync_waiting` → `waiting`, or straight to `succeeded` with no tasks; a no-op in other states."""
+        """`rsync_waiting` → `waiting`, or straight to its verdict with no task undecided (no tasks, say); a
+        no-op in other states."""
         fx = Effects()
         if self.status is not TasksetStatus.RSYNC_WAITING:
             return fx
         self._set_status(TasksetStatus.WAITING, now, fx)
-        if not self.tasks:
-            self._finish(TasksetStatus.SUCCEEDED, now, fx)
-        else:
+        if not self._finish_if_decided(now, fx):
             fx.woke = True
         return fx
 
@@ -292,7 +291,16 @@ class TasksetModel:
                 self._decide(task, now, fx)
                 if not self.active:
                     break
+        if self.active:
+            self._finish_if_decided(now, fx)
         return fx
+
+    def _finish_if_decided(self, now: dt.datetime, fx: Effects) -> bool:
+        """Finish a dispatched taskset with no task left undecided (§7); whether it did."""
+        if self.undecided or self.status not in DISPATCHED:
+            return False
+        self._finish(TasksetStatus.FAILED if self.decided[TaskStatus.FAILED] else TasksetStatus.SUCCEEDED, now, fx)
+        return True
 
     def _end(self, status: TasksetStatus, now: dt.datetime) -> Effects:
         fx = Effects()
@@ -426,7 +434,14 @@ class TasksetModel:
             self.ended_leases[task_id] = holder
         for trial in task.trials:
             if trial.slave_id == slave_id and trial.status is None:
-                return TrialRef(trial.id), fx
+                return TrialRef(trial.id), fx  # a repeat
+        # A trial that no verdict can use, or that no one would end if its slave vanished, is refused.
+        if self.status not in DISPATCHED:
+            raise Conflict(f"taskset {self.id} is {self.status}: no trial of it can start")
+        if task.status is not None:
+            raise Conflict(f"task {task_id} is decided ({task.status}): no trial of it can start")
+        if slave.status is not None:
+            raise Conflict(f"slave {slave_id} has ended ({slave.status}): it starts no trial until it binds again")
         self._unqueue(task_id)
         trial = TrialState(new_id(), task_id, slave_id, None, now)
         task.trials.append(trial)
@@ -532,11 +547,7 @@ class TasksetModel:
         counts_note = TasksetUpdated(stamp, self.ref, hash_)
         fx.notes.append(counts_note)
         fx.global_notes.append(counts_note)
-        final = None
-        if self.undecided == 0:
-            final = TasksetStatus.FAILED if self.decided[TaskStatus.FAILED] else TasksetStatus.SUCCEEDED
-        if final is not None and self.status in DISPATCHED:
-            self._finish(final, now, fx)
+        self._finish_if_decided(now, fx)
 
     def _trial(self, trial_id: int) -> TrialState:
         trial = self.trials.get(trial_id)
@@ -605,6 +616,8 @@ class TasksetModel:
         fx = Effects()
         existing = self.slave_by_name(name)
         if existing is not None:
+            # A repeat, or a new process of that name (its worker restarted): alive, whatever it ended as.
+            self._set_slave_status(existing, None, now, fx)
             return SlaveRef(existing.id), fx
         slave = SlaveState(new_id(), name)
         self.slaves[slave.id] = slave
@@ -613,24 +626,29 @@ class TasksetModel:
         return SlaveRef(slave.id), fx
 
     def current_trial(self, slave_id: int, trial_id: int | None, now: dt.datetime) -> Effects:
+        """What the slave runs now; it is alive (a slave declared lost that binds again is back)."""
         fx = Effects()
         slave = self._slave(slave_id)
         if trial_id is not None:
             trial = self._trial(trial_id)
             if trial.slave_id != slave_id:
                 raise Conflict(f"trial {trial_id} belongs to slave {trial.slave_id}, not {slave_id}")
+        self._set_slave_status(slave, None, now, fx)
+        self._set_current(slave, trial_id, now, fx)
+        return fx
+
+    def _set_current(self, slave: SlaveState, trial_id: int | None, now: dt.datetime, fx: Effects) -> None:
         if slave.current_trial_id == trial_id:
-            return fx
+            return
         slave.current_trial_id = trial_id
-        fx.writes.append(Write("set_slave_current_trial", (slave_id, trial_id)))
+        fx.writes.append(Write("set_slave_current_trial", (slave.id, trial_id)))
         fx.notes.append(
             SlaveUpdated(
                 format_timestamp(now),
-                SlaveRef(slave_id),
+                SlaveRef(slave.id),
                 SlaveHash(current_trial=None if trial_id is None else TrialRef(trial_id)),
             )
         )
-        return fx
 
     def finish_slave(self, slave_id: int, status: SlaveStatus | None, now: dt.datetime) -> Effects:
         fx = Effects()
@@ -648,8 +666,7 @@ class TasksetModel:
                     trial.id, verdict, "", f"[testfleet: the slave ended ({status})]\n", (None, None, None), now
                 )
             )
-        if slave.current_trial_id is not None:
-            fx.extend(self.current_trial(slave_id, None, now))  # it runs nothing any more
+        self._set_current(slave, None, now, fx)  # it runs nothing any more
         self._set_slave_status(slave, status, now, fx)
         return fx
 

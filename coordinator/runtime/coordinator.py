@@ -69,6 +69,8 @@ class Coordinator:
         self.owners: dict[int, Owner] = {}
         self._loading: dict[int, asyncio.Future[Owner | None]] = {}
         self._grace: dict[int, asyncio.TimerHandle] = {}
+        self._slave_conns: dict[int, Connection] = {}
+        """Each bound slave's connection: the latest one to bind it."""
         self._background: set[asyncio.Task[Any]] = set()
         self.workers = Workers(self, heartbeat_s=self.settings.heartbeat_s, missed=self.settings.missed_heartbeats)
         self.handlers: dict[str, Handler] = {
@@ -248,10 +250,16 @@ class Coordinator:
     # -- slaves' connections and grace ---------------------------------------------
 
     def _bind_slave(self, conn: Connection | None, taskset_id: int, slave_id: int) -> None:
+        """The slave is alive (its grace ends), on `conn` from now on: an older connection of it that closes
+        later leaves it alone."""
         handle = self._grace.pop(slave_id, None)
         if handle is not None:
             handle.cancel()
         if conn is not None:
+            older = self._slave_conns.get(slave_id)
+            if older is not None and older is not conn:
+                older.slave_ids.discard(slave_id)
+            self._slave_conns[slave_id] = conn
             conn.slave_ids.add(slave_id)
             conn.taskset_ids.add(taskset_id)
 
@@ -292,8 +300,12 @@ class Coordinator:
                 await owner.run(_releaser(conn.id, frozenset(conn.slave_ids)))
             for slave_id in conn.slave_ids:
                 slave = owner.model.slaves.get(slave_id)
-                if slave is not None and slave.status is None and owner.model.active:
+                # Of a finished taskset too: a trial it runs would be open for good if it never came back.
+                if slave is not None and slave.status is None:
                     self._start_grace(taskset_id, slave_id)
+        for slave_id in conn.slave_ids:
+            if self._slave_conns.get(slave_id) is conn:
+                del self._slave_conns[slave_id]
 
     # -- methods -----------------------------------------------------------------
 

@@ -127,6 +127,76 @@ async def test_output_that_is_not_utf8_over_rpc_is_stored_with_replacements(data
         assert reply["error"]["code"] == -32602, reply
 
 
+async def test_a_slave_bound_again_elsewhere_is_not_lost_when_its_old_connection_closes(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The old connection's close started the grace of a slave that lived on on a new one: its trial ended
+    as error, and with max_trials 1 a passing file failed the run."""
+    settings = RuntimeSettings(slave_grace_s=0.5)
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h:
+        ref = await new_taskset(h, [task("a.py")], max_trials=1)
+        async with h.client() as old:
+            slave = await old.call("create_slave", "s1", ref)
+            task_ref, *_ = await old.call("dequeue_task", ref)
+            trial = await old.call("create_trial", task_ref, slave)
+            await old.call("start_trial", trial)
+            async with h.client() as new:
+                await new.call("current_trial", slave, trial)
+                await old.close()
+                await asyncio.sleep(1.0)  # twice the grace
+                await new.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+                assert await h.call("query_taskset_status", ref) == "succeeded"
+        _, slaves = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
+        assert slaves["slaves"][0]["status"] is None
+
+
+async def test_a_slave_lost_and_back_is_alive_and_lost_again_if_it_goes(database_url: str, tmp_path: Path) -> None:
+    """A slave declared lost that bound again could start trials that nothing ended once it went again: its
+    taskset never finished."""
+    settings = RuntimeSettings(slave_grace_s=0.3)
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h:
+        ref = await new_taskset(h, [task("a.py"), task("b.py")], max_trials=2)
+        async with h.client() as first:
+            slave = await first.call("create_slave", "s1", ref)
+            task_ref, *_ = await first.call("dequeue_task", ref)
+            trial = await first.call("create_trial", task_ref, slave)
+        await asyncio.sleep(0.8)
+        _, slaves = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
+        assert slaves["slaves"][0]["status"] == "failure_exit"
+        async with h.client() as back:
+            await back.call("current_trial", slave, trial)  # bound again: alive
+            _, slaves = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
+            assert slaves["slaves"][0]["status"] is None
+            task_ref, *_ = await back.call("dequeue_task", ref)
+            again = await back.call("create_trial", task_ref, slave)
+        await asyncio.sleep(0.8)  # gone again: lost again, its new trial ended
+        _, body = await h.get(f"/api/v1/trials/{again[1]}")
+        assert body["status"] == "error"
+        async with h.client() as other:
+            s2 = await other.call("create_slave", "s2", ref)
+            while (item := await other.call("dequeue_task", ref, timeout=5)) is not None:
+                t = await other.call("create_trial", item[0], s2)
+                await other.call("finish_trial", t, "passed", "", "", 1, 0, 0)
+        assert await h.call("query_taskset_status", ref) == "succeeded"
+
+
+async def test_no_trial_of_an_ended_taskset_or_before_dispatch(database_url: str, tmp_path: Path) -> None:
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        ref = await new_taskset(h, [task("a.py")], dispatch=False)
+        slave = await c.call("create_slave", "s1", ref)
+        tasks = (await h.get(f"/api/v1/tasksets/{ref[1]}/tasks"))[1]["tasks"]
+        task_ref = ["task", tasks[0]["id"]]
+        with pytest.raises(RpcError) as exc:
+            await c.call("create_trial", task_ref, slave)
+        assert exc.value.code == -32009 and "rsync_waiting" in exc.value.message
+        await h.call("dispatch_taskset", ref)
+        await c.call("dequeue_task", ref)
+        await h.call("cancel_taskset", ref)
+        with pytest.raises(RpcError) as exc:
+            await c.call("create_trial", task_ref, slave)
+        assert exc.value.code == -32009 and "cancelled" in exc.value.message
+
+
 async def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history(database_url: str, tmp_path: Path) -> None:
     """A slave cut off mid-file sends its finish once it is back: that trial's time includes the wait."""
     async with running_coordinator(database_url, tmp_path) as h:

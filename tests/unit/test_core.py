@@ -8,13 +8,14 @@ import itertools
 import pytest
 
 from coordinator.core.dispatch import Assignment, Opening, plan_assignments
-from coordinator.core.errors import IllegalTransition, InvalidArgument
+from coordinator.core.errors import Conflict, IllegalTransition, InvalidArgument
 from coordinator.core.states import Verdict, decide_task, taskset_verdict, transition
 from coordinator.core.taskset import (
     WAIT,
     SlaveState,
     TasksetModel,
     TaskState,
+    Write,
     check_tasks,
     storable_output,
     truncate_output,
@@ -295,3 +296,49 @@ def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history() -> None:
     m2.finish_trial(third.id, TrialStatus.PASSED, "", "", (1, 0, 0), late)
     fx = m2.start_trial(third.id, late)
     assert [w.query for w in fx.writes] == ["start_trial"]
+
+
+def test_no_trial_starts_before_dispatch_after_the_end_on_a_decided_task_or_for_an_ended_slave() -> None:
+    """Each was accepted: a trial decided before dispatch left the taskset `waiting` for good, and a trial of
+    an ended taskset or of a slave already lost stayed open for good."""
+    new = ids()
+    m = model([1.0, 1.0])
+    m.status = TasksetStatus.RSYNC_WAITING
+    with pytest.raises(Conflict, match="rsync_waiting"):
+        m.create_trial(100, 7, lambda: next(new), T0)
+    m.status = TasksetStatus.WAITING
+    ref, _ = m.create_trial(100, 7, lambda: next(new), T0)
+    m.finish_trial(ref.id, TrialStatus.PASSED, "", "", (1, 0, 0), T0)
+    with pytest.raises(Conflict, match="decided"):
+        m.create_trial(100, 8, lambda: next(new), T0)
+    m.force_finish_slave(8, SlaveStatus.FAILURE_EXIT, T0)
+    with pytest.raises(Conflict, match="has ended"):
+        m.create_trial(101, 8, lambda: next(new), T0)
+    # Bound again (it was only cut off), it is alive and may work.
+    fx = m.current_trial(8, None, T0)
+    assert m.slaves[8].status is None and ("set_slave_status", (8, None)) in fx.writes
+    m.create_trial(101, 8, lambda: next(new), T0)
+    m.cancel(T0)
+    with pytest.raises(Conflict, match="cancelled"):
+        m.create_trial(101, 7, lambda: next(new), T0)
+
+
+def test_a_new_process_of_an_ended_slaves_name_brings_it_back() -> None:
+    m = model([1.0])
+    m.finish_slave(7, SlaveStatus.NORMAL_EXIT, T0)
+    ref, fx = m.create_slave("a", lambda: 99, T0)
+    assert ref.id == 7 and m.slaves[7].status is None and fx.writes == [Write("set_slave_status", (7, None))]
+
+
+def test_try_finish_and_dispatch_finish_a_taskset_with_nothing_undecided() -> None:
+    """A taskset whose tasks were all decided while it was not dispatched (as an older coordinator allowed)."""
+    m = model([1.0])
+    m.status = TasksetStatus.RSYNC_WAITING
+    m.tasks[100].status = TaskStatus.PASSED
+    m.undecided, m.decided[TaskStatus.PASSED] = 0, 1
+    fx = m.dispatch(T0)
+    assert m.status is TasksetStatus.SUCCEEDED and fx.finished is TasksetStatus.SUCCEEDED
+    stuck = model([1.0])
+    stuck.tasks[100].status = TaskStatus.FAILED
+    stuck.undecided, stuck.decided[TaskStatus.FAILED] = 0, 1
+    assert stuck.try_finish(T0).finished is TasksetStatus.FAILED

@@ -34,7 +34,7 @@ from worker.slave.environment import (
     start_time_of,
 )
 from worker.slave.remote import INTERRUPTED_NOTE, START_REPORT_DELAY_S, RemoteSource, fit_outputs
-from worker.slave.source import FileResult, FileTask
+from worker.slave.source import FileResult, FileTask, TaskRefused
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_ENV = {"TESTFLEET_COORDINATOR": "http://127.0.0.1:1", "TESTFLEET_TASKSET_ID": "7"}
@@ -217,6 +217,8 @@ class Script:
     next_trial: int = 100
     dequeue_open: threading.Event = field(default_factory=threading.Event)
     """Cleared: `dequeue_task` is answered only once it is set."""
+    refused: set[int] = field(default_factory=set)
+    """Task ids whose `create_trial` is answered -32009 (decided meanwhile)."""
 
     def __post_init__(self) -> None:
         self.dequeue_open.set()
@@ -280,6 +282,10 @@ class ScriptedCoordinator:
                 self.script.calls.append((frame["method"], frame["params"]))
             if frame["method"] == "dequeue_task" and not self.script.dequeue_open.is_set():
                 await asyncio.to_thread(self.script.dequeue_open.wait, 30)
+            if frame["method"] == "create_trial" and frame["params"][0][1] in self.script.refused:
+                error = {"code": -32009, "message": f"task {frame['params'][0][1]} is decided (passed)"}
+                await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": frame["id"], "error": error}))
+                continue
             result = self._answer(frame["method"], frame["params"])
             await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": frame["id"], "result": result}))
             if frame["method"] == self.script.drop_after:
@@ -379,6 +385,23 @@ def test_a_quick_file_reports_its_start_with_its_result(
         ("dequeue_task", [["taskset", 3]]),
     ]
     source.close(SlaveStatus.NORMAL_EXIT)
+
+
+def test_a_trial_the_coordinator_refuses_skips_the_file(
+    coordinator: ScriptedCoordinator, script: Script, tmp_path: Path
+) -> None:
+    """Decided by another slave since the dequeue (or the taskset is over): -32009, and the slave goes on."""
+    script.tasks = [dequeued(11, "test_a.py"), dequeued(12, "test_b.py")]
+    script.refused = {11}
+    source = source_for(coordinator, tmp_path)
+    task = source.next_task()
+    assert task is not None
+    with pytest.raises(TaskRefused, match="decided"):
+        source.start(task)
+    assert source.next_task() == FileTask(12, "test_b.py", 60, 30)
+    source.close(SlaveStatus.NORMAL_EXIT)
+    # Only the file taken and never started goes back at close; the refused one is no longer leased.
+    assert coordinator.calls("reversed_enqueue_task") == [("reversed_enqueue_task", [["task", 12]])]
 
 
 def test_a_task_tried_here_is_left_once_to_other_slaves(

@@ -29,7 +29,7 @@ from typing import IO, Any, Final
 
 from protocol.types import SlaveStatus, TrialStatus
 from worker.slave.output import OutputBuffer
-from worker.slave.source import FileResult, FileTask, ListSource, TaskSource, parse_task_list
+from worker.slave.source import FileResult, FileTask, ListSource, TaskRefused, TaskSource, parse_task_list
 
 KILL_GRACE_S: Final = 5.0
 DRAIN_S: Final = 1.0
@@ -206,6 +206,8 @@ def run_exec(
             try:
                 source.start(task)
                 result = run_file(task, template, cwd=cwd, kill_grace_s=kill_grace_s, stop=stop)
+            except TaskRefused:
+                continue  # nothing ran: the next file
             except KeyboardInterrupt:
                 source.give_back(task)
                 source.close(SlaveStatus.NORMAL_EXIT)

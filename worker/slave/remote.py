@@ -66,7 +66,7 @@ import pytest
 import structlog
 
 from protocol.codec import MAX_FRAME_BYTES
-from protocol.errors import ProtocolError
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import DequeuedTask
 from protocol.peer import Disconnected, Peer
 from protocol.types import SlaveRef, SlaveStatus, TaskRef, TasksetRef, TrialRef, TrialStatus
@@ -82,7 +82,7 @@ from worker.slave.environment import (
     start_time_of,
 )
 from worker.slave.output import bound_text, split_cases_block
-from worker.slave.source import FileResult, FileTask
+from worker.slave.source import FileResult, FileTask, TaskRefused
 
 T = TypeVar("T")
 
@@ -249,7 +249,9 @@ class RemoteSource:
         return self._wait(self._submit(self._next()))
 
     def start(self, task: FileTask) -> None:
-        self._wait(self._submit(self._in_turn(self._start(task))))
+        refusal = self._wait(self._submit(self._in_turn(self._start(task))))
+        if refusal is not None:
+            raise TaskRefused(refusal)
 
     def finish(self, task: FileTask, result: FileResult) -> None:
         # Not awaited here: the result goes out at once, the next `next_task` sends its dequeue right
@@ -434,9 +436,20 @@ class RemoteSource:
             # Leased to an older connection of ours: that lease went back when the connection closed.
             self._log.info("lease_not_returned", task_id=task_id, error=exc.message)
 
-    async def _start(self, task: FileTask) -> None:
+    async def _start(self, task: FileTask) -> str | None:
+        """Create the file's trial; the coordinator's reason when it refuses to (then there is nothing to run)."""
         assert self._slave is not None
-        trial: TrialRef = await self._call("create_trial", TaskRef(task.task_id), self._slave)
+        try:
+            trial: TrialRef = await self._call("create_trial", TaskRef(task.task_id), self._slave)
+        except ProtocolError as exc:
+            if exc.code != ErrorCode.CONFLICT:
+                raise
+            # Decided by another slave's trial since the dequeue, or the taskset is over. Returned, not
+            # raised: the next turn's wait would raise it again.
+            self._leased.pop(task.task_id, None)
+            self._file_held = False
+            self._log.info("task_refused", task_id=task.task_id, reason=exc.message)
+            return exc.message
         self._leased.pop(task.task_id, None)
         self._tried.add(task.task_id)
         self._trial = (task.task_id, trial)
@@ -446,6 +459,7 @@ class RemoteSource:
         # The trial exists (so a crash from here on is accounted to it): the file runs now, and says
         # it started a moment later, unless it has ended by then (see START_REPORT_DELAY_S).
         self._start_report = asyncio.get_running_loop().call_later(START_REPORT_DELAY_S, self._report_start, trial)
+        return None
 
     def _report_start(self, trial: TrialRef) -> None:
         """`current_trial` and `start_trial` of a file still running; the next trial operation waits for them."""

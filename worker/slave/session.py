@@ -24,7 +24,7 @@ import pytest
 
 from protocol.types import SlaveStatus
 from worker.slave.directories import TARGET, targeted
-from worker.slave.source import FileTask, TaskSource
+from worker.slave.source import FileTask, TaskRefused, TaskSource
 from worker.slave.tally import FileTally
 from worker.slave.watchdog import Watchdog
 
@@ -222,6 +222,8 @@ class SlaveSession:
                 if task is None:
                     break
                 end = self._run_file(session, task)
+            except TaskRefused:
+                continue  # nothing ran: the next file
             except _Stopped:
                 if task is not None:
                     self._source.give_back(task)

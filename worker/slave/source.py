@@ -34,6 +34,11 @@ class FileResult(msgspec.Struct, frozen=True):
     stderr: str = ""
 
 
+class TaskRefused(Exception):
+    """`start`: the coordinator will have no trial of this file (decided meanwhile, or its taskset over).
+    The slave skips the file and asks for the next."""
+
+
 class TaskSource(Protocol):
     """The queue a slave pulls from; every call is synchronous and made from the slave's main thread.
 
@@ -48,7 +53,7 @@ class TaskSource(Protocol):
         ...
 
     def start(self, task: FileTask) -> None:
-        """The trial of `task` is created and started."""
+        """The trial of `task` is created and started; `TaskRefused` when there will be none."""
         ...
 
     def finish(self, task: FileTask, result: FileResult) -> None:
