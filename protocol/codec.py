@@ -150,9 +150,30 @@ def encode_result(request_id: RequestId, result: Any, codec: Codec) -> bytes:
     return encode(_ResultOut("2.0", request_id, result), codec)
 
 
+MAX_ERROR_MESSAGE: Final = 1000
+MAX_ID_CHARS: Final = 256
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message names it: its repr, cut to `limit` characters (a peer's value may be
+    megabytes long, and every error reply would carry it back); a type JSON has no name for, by its type."""
+    if isinstance(value, str):
+        text = repr(value[:limit])
+    elif isinstance(value, (list, dict)):
+        text = repr(value) if len(value) < limit else f"a {type(value).__name__} of {len(value)} items"
+    elif isinstance(value, (int, float, bool, type(None))):
+        text = repr(value)
+    else:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def encode_error(error: ProtocolError, codec: Codec, request_id: RequestId = None) -> bytes:
     rid = error.request_id if request_id is None else request_id
-    return encode(_ErrorOut("2.0", rid, ErrorObject(int(error.code), error.message, error.data)), codec)
+    message = error.message
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 3] + "..."
+    return encode(_ErrorOut("2.0", rid, ErrorObject(int(error.code), message, error.data)), codec)
 
 
 def _is_id(value: Any) -> bool:
@@ -203,7 +224,10 @@ def decode_frame(data: bytes | str | Raw, codec: Codec) -> Frame:
     rid: RequestId = None
     if env.id is not UNSET:
         if not _is_id(env.id):
-            raise InvalidRequest(f"id must be an integer, a string or null, not {env.id!r}")
+            raise InvalidRequest(f"id must be an integer, a string or null, not {shown(env.id)}")
+        if isinstance(env.id, str) and len(env.id) > MAX_ID_CHARS:
+            # Every reply carries its id back: a long one would be held once per reply.
+            raise InvalidRequest(f"an id of {len(env.id)} characters: at most {MAX_ID_CHARS}")
         rid = env.id
     if env.jsonrpc != "2.0":
         raise InvalidRequest('"jsonrpc" must be "2.0"', request_id=rid)
@@ -221,12 +245,12 @@ def decode_frame(data: bytes | str | Raw, codec: Codec) -> Frame:
     # A malformed response is answered with id null: its id is one of ours, and an error carrying it would
     # read to the peer as the answer to its own request of that id.
     if (env.result is UNSET) == (env.error is UNSET):
-        raise InvalidRequest(f"a response (id {rid!r}) carries exactly one of result and error")
+        raise InvalidRequest(f"a response (id {shown(rid)}) carries exactly one of result and error")
     if not isinstance(env.error, UnsetType):
         try:
             obj = _ERROR_DECODERS[codec].decode(env.error)
         except (msgspec.MsgspecError, *_UNREADABLE) as exc:
-            raise InvalidRequest(f"malformed error object in the response of id {rid!r}: {exc}") from exc
+            raise InvalidRequest(f"malformed error object in the response of id {shown(rid)}: {exc}") from exc
         return Response(rid, error=error_from_code(obj.code, obj.message, obj.data, rid))
     assert not isinstance(env.result, UnsetType)
     return Response(rid, result=env.result)
@@ -274,17 +298,15 @@ def _offending(spec: MethodSpec, raw: Raw | None, codec: Codec, message: str) ->
             value = value[index]
     except Exception:
         return f" (param {name})" if name else ""
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return f" (param {name}, given {shown})" if name else f" (given {shown})"
+    given = shown(value)
+    return f" (param {name}, given {given})" if name else f" (given {given})"
 
 
 def decode_notification(method: str, raw: Raw | None, codec: Codec, table: dict[str, type[Params]]) -> Params:
     """Typed params of a notification named in `table`."""
     kind = table.get(method)
     if kind is None:
-        raise MethodNotFound(f"no notification {method!r}")
+        raise MethodNotFound(f"no notification {shown(method)}")
     try:
         params = _decoder(kind, codec).decode(_EMPTY_PARAMS[codec] if raw is None else raw)
     except (msgspec.MsgspecError, *_UNREADABLE) as exc:
@@ -305,7 +327,7 @@ def lookup(table: dict[str, MethodSpec], method: str, request_id: RequestId = No
     """The spec of a method, or `MethodNotFound`."""
     spec = table.get(method)
     if spec is None:
-        raise MethodNotFound(f"no method {method!r}", request_id=request_id)
+        raise MethodNotFound(f"no method {shown(method)}", request_id=request_id)
     return spec
 
 

@@ -193,8 +193,12 @@ def _alive(process: Any) -> bool:
     """Whether a psutil process still runs (a zombie does not)."""
     try:
         return bool(process.is_running()) and process.status() != "zombie"
-    except Exception:  # psutil's NoSuchProcess and AccessDenied: gone, or no longer ours to judge
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone, or no longer ours to judge
         return False
+    except OSError:
+        # The look itself failed (no file descriptor left to read /proc with, say): that is no sign of a
+        # dead server, and starting a second one on its data directory would fail or worse.
+        return True
 
 
 def _checked_data_dir(data_dir: Path) -> Path:

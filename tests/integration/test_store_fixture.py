@@ -244,3 +244,20 @@ def test_a_data_dir_under_root_is_refused(data_dir: str) -> None:
     with pytest.raises(DataDirRefused, match="/root"):
         EmbeddedPostgres().start(Path(data_dir))
     assert not Path("/root/testfleet-refusal-check").exists()
+
+
+def test_a_failed_look_at_the_postmaster_is_no_sign_it_died() -> None:
+    """Out of file descriptors, reading /proc failed, and the watch started a second server on the data."""
+    from coordinator.store.embedded import _alive
+
+    class Unreadable:
+        def is_running(self) -> bool:
+            raise OSError(24, "Too many open files")
+
+    class Gone:
+        def is_running(self) -> bool:
+            raise psutil.NoSuchProcess(12345)
+
+    assert _alive(Unreadable()) is True
+    assert _alive(Gone()) is False
+    assert _alive(psutil.Process()) is True

@@ -644,3 +644,20 @@ def test_an_invalid_param_is_named_with_the_value_given() -> None:
         with pytest.raises(InvalidParams) as caught:
             decode_params(spec, raw, codec)
         assert "(param trial_ref, given 'task')" in caught.value.message
+
+
+def test_error_replies_stay_small_whatever_the_peer_sent() -> None:
+    """A 4 MiB method name came back whole in its error, four times over the connection's replies."""
+    for frame in (
+        {"jsonrpc": "2.0", "id": 1, "method": "m" * 4_000_000},
+        {"jsonrpc": "2.0", "id": [0] * 1_000_000, "method": "x"},
+        {"jsonrpc": "2.0", "id": "i" * 1_000_000, "method": "active_tasksets"},
+    ):
+        for codec in CODECS:
+            try:
+                lookup(COORDINATOR_METHODS, decode_frame(encode(frame, codec), codec).method)  # type: ignore[union-attr]
+            except ProtocolError as exc:
+                assert len(encode_error(exc, codec)) < 1200
+                assert exc.request_id in (None, 1)
+            else:
+                raise AssertionError(frame)
