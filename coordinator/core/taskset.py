@@ -435,13 +435,14 @@ class TasksetModel:
         for trial in task.trials:
             if trial.slave_id == slave_id and trial.status is None:
                 return TrialRef(trial.id), fx  # a repeat
-        # A trial that no verdict can use, or that no one would end if its slave vanished, is refused.
-        if self.status not in DISPATCHED:
-            raise Conflict(f"taskset {self.id} is {self.status}: no trial of it can start")
-        if task.status is not None:
-            raise Conflict(f"task {task_id} is decided ({task.status}): no trial of it can start")
-        if slave.status is not None:
-            raise Conflict(f"slave {slave_id} has ended ({slave.status}): it starts no trial until it binds again")
+        if self.status is TasksetStatus.RSYNC_WAITING:
+            # No task is handed out before dispatch; a trial decided now would leave the taskset waiting for good.
+            raise Conflict(f"taskset {self.id} is {self.status}: no trial of it can start before dispatch")
+        # A slave that starts a trial is alive, whatever it ended as (declared lost while it was cut off): if it
+        # goes again, it is lost again and this trial ends with it. (A task decided meanwhile, or a taskset
+        # finished meanwhile, is a race of the dequeue with another result: the trial runs, and changes no
+        # verdict.)
+        self._set_slave_status(slave, None, now, fx)
         self._unqueue(task_id)
         trial = TrialState(new_id(), task_id, slave_id, None, now)
         task.trials.append(trial)
