@@ -230,7 +230,8 @@ def decode_frame(data: bytes | str | Raw, codec: Codec) -> Frame:
             raise InvalidRequest(f"an id of {len(env.id)} characters: at most {MAX_ID_CHARS}")
         rid = env.id
     if env.jsonrpc != "2.0":
-        raise InvalidRequest('"jsonrpc" must be "2.0"', request_id=rid)
+        # A frame without a method is a response: its id is the receiver's own, and is not echoed.
+        raise InvalidRequest('"jsonrpc" must be "2.0"', request_id=rid if env.method is not UNSET else None)
     if env.method is not UNSET:
         if not isinstance(env.method, str):
             raise InvalidRequest('"method" must be a string', request_id=rid)

@@ -109,9 +109,9 @@ class TrialState:
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     timed: bool = True
-    """Whether its start and finish are stamped as they happened. Stamps are taken when the calls arrive: a
-    trial that was open while its slave's connection was lost, or across a restart of the coordinator, may
-    have ended long before its finish came in, so it adds no history sample."""
+    """False for a trial open across a restart of the coordinator. Stamps are taken when the calls arrive: a
+    trial open then, or while its slave's connection was lost (`SlaveState.cut_at`), may have ended long
+    before its finish came in, so it adds no history sample."""
 
 
 @dataclass(slots=True)
@@ -146,6 +146,9 @@ class SlaveState:
     name: str
     status: SlaveStatus | None = None
     current_trial_id: int | None = None
+    cut_at: dt.datetime | None = None
+    """When it last lost a connection (closed, or replaced by a new one): its trials open then feed no
+    history (see `TrialState.timed`)."""
 
 
 @dataclass(slots=True)
@@ -429,15 +432,15 @@ class TasksetModel:
         if slave is None:
             raise SlaveNotFound(f"slave {slave_id} is not a slave of taskset {self.id}")
         task = self.tasks[task_id]
+        if self.status is TasksetStatus.RSYNC_WAITING:
+            # No task is handed out before dispatch; a trial decided now would leave the taskset waiting for good.
+            raise Conflict(f"taskset {self.id} is {self.status}: no trial of it can start before dispatch")
         holder = self.leases.pop(task_id, None)
         if holder is not None:
             self.ended_leases[task_id] = holder
         for trial in task.trials:
             if trial.slave_id == slave_id and trial.status is None:
                 return TrialRef(trial.id), fx  # a repeat
-        if self.status is TasksetStatus.RSYNC_WAITING:
-            # No task is handed out before dispatch; a trial decided now would leave the taskset waiting for good.
-            raise Conflict(f"taskset {self.id} is {self.status}: no trial of it can start before dispatch")
         # A slave that starts a trial is alive, whatever it ended as (declared lost while it was cut off): if it
         # goes again, it is lost again and this trial ends with it. (A task decided meanwhile, or a taskset
         # finished meanwhile, is a race of the dequeue with another result: the trial runs, and changes no
@@ -464,24 +467,21 @@ class TasksetModel:
             now = min(now, trial.finished_at)
         trial.started_at = now
         fx.writes.append(Write("start_trial", (trial_id, now)))
-        if trial.finished_at is not None and trial.status in (TrialStatus.PASSED, TrialStatus.PENDING) and trial.timed:
-            fx.writes.append(self._sample(trial))
+        if trial.finished_at is not None and trial.status in (TrialStatus.PASSED, TrialStatus.PENDING):
+            self._sample(trial, fx)
         return fx
 
-    def untime_open_trials(self, slave_ids: Iterable[int]) -> None:
-        """These slaves' connection is lost: their open trials' finishes may come late, and feed no history."""
-        slaves = set(slave_ids)
-        for trial_id in self.open_trials:
-            trial = self.trials[trial_id]
-            if trial.slave_id in slaves:
-                trial.timed = False
-
-    def _sample(self, trial: TrialState) -> Write:
-        """The history sample of a passed or pending trial that has both ends."""
+    def _sample(self, trial: TrialState, fx: Effects) -> None:
+        """The history sample of a passed or pending trial that has both ends, unless its stamps may hold a wait."""
         assert trial.started_at is not None and trial.finished_at is not None
+        if not trial.timed:
+            return
+        slave = self.slaves.get(trial.slave_id)
+        if slave is not None and slave.cut_at is not None and slave.cut_at >= trial.created_at:
+            return  # its slave lost a connection while it was open (it ends before its finish is stamped)
         task = self.tasks[trial.task_id]
         duration_ms = max(0, int((trial.finished_at - trial.started_at).total_seconds() * 1000))
-        return Write("insert_spec_sample", (self.taskset_class, task.spec_sha1, task.spec_path, duration_ms))
+        fx.writes.append(Write("insert_spec_sample", (self.taskset_class, task.spec_sha1, task.spec_path, duration_ms)))
 
     def finish_trial(
         self,
@@ -504,8 +504,8 @@ class TasksetModel:
         stderr = storable_output(stderr, self.output_limit)
         fx.writes.append(Write("finish_trial", (trial_id, status.value, stdout, stderr, *counts, now)))
         task = self.tasks[trial.task_id]
-        if status in (TrialStatus.PASSED, TrialStatus.PENDING) and trial.started_at is not None and trial.timed:
-            fx.writes.append(self._sample(trial))
+        if status in (TrialStatus.PASSED, TrialStatus.PENDING) and trial.started_at is not None:
+            self._sample(trial, fx)
         fx.notes.append(
             TrialUpdated(
                 format_timestamp(now),

@@ -145,12 +145,19 @@ class Coordinator:
         return task
 
     async def _evict_idle(self) -> None:
-        """Finished tasksets' owners leave memory once nobody has touched them for a while."""
+        """Finished tasksets' owners leave memory once nobody has touched them for a while, and no trial of
+        theirs runs (a slave of it that goes must still be lost, and its trial ended)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(30)
             for owner in list(self.owners.values()):
-                if not owner.model.active and loop.time() - owner.last_used > IDLE_OWNER_S and owner.idle:
+                model = owner.model
+                if (
+                    not model.active
+                    and not model.open_trials
+                    and loop.time() - owner.last_used > IDLE_OWNER_S
+                    and owner.idle
+                ):
                     self.owners.pop(owner.id, None)
                     await owner.stop()
 
@@ -259,6 +266,7 @@ class Coordinator:
             older = self._slave_conns.get(slave_id)
             if older is not None and older is not conn:
                 older.slave_ids.discard(slave_id)
+                self._cut(taskset_id, slave_id)  # it left that connection: as if it had closed
             self._slave_conns[slave_id] = conn
             conn.slave_ids.add(slave_id)
             conn.taskset_ids.add(taskset_id)
@@ -275,6 +283,9 @@ class Coordinator:
 
     async def _lose_slave(self, taskset_id: int, slave_id: int) -> None:
         self._grace.pop(slave_id, None)
+        conn = self._slave_conns.get(slave_id)
+        if conn is not None and not conn.closed:
+            return  # bound again in the moment between the timer and this task
         owner = await self.owner(taskset_id)
         if owner is None:
             return
@@ -288,16 +299,29 @@ class Coordinator:
         log.warning("slave_lost", taskset_id=taskset_id, slave_id=slave_id)
         await owner.run(lose)
 
+    def _cut(self, taskset_id: int, slave_id: int) -> None:
+        """The slave lost a connection now: its trials open now feed no history (`SlaveState.cut_at`).
+
+        Set at once rather than through its owner's queue, so that no result it sends on a new connection is
+        applied first; not durable (a restart makes every open trial untimed anyway)."""
+        owner = self.owners.get(taskset_id)
+        slave = None if owner is None else owner.model.slaves.get(slave_id)
+        if slave is not None:
+            slave.cut_at = utcnow()
+
     async def connection_closed(self, conn: Connection) -> None:
         """Return the connection's leases at once; its slaves get the grace period to re-bind."""
         self.hub.remove(conn)
         self.workers.connection_closed(conn)
         for taskset_id in list(conn.taskset_ids):
+            for slave_id in conn.slave_ids:
+                self._cut(taskset_id, slave_id)
+        for taskset_id in list(conn.taskset_ids):
             owner = self.owners.get(taskset_id)
             if owner is None:
                 continue
             with contextlib.suppress(Exception):
-                await owner.run(_releaser(conn.id, frozenset(conn.slave_ids)))
+                await owner.run(_releaser(conn.id))
             for slave_id in conn.slave_ids:
                 slave = owner.model.slaves.get(slave_id)
                 # Of a finished taskset too: a trial it runs would be open for good if it never came back.
@@ -572,11 +596,8 @@ def _finish_trial_command(p: m.FinishTrialParams) -> Command:
     )
 
 
-def _releaser(holder: int, slave_ids: frozenset[int]) -> Callable[[TasksetModel, dt.datetime], tuple[None, Effects]]:
-    """A closed connection's leases go back; its slaves' open trials feed no history (see `TrialState.timed`)."""
-
+def _releaser(holder: int) -> Callable[[TasksetModel, dt.datetime], tuple[None, Effects]]:
     def release(model: TasksetModel, now: dt.datetime) -> tuple[None, Effects]:
-        model.untime_open_trials(slave_ids)
         return None, model.release_holder(holder)
 
     return release

@@ -389,6 +389,16 @@ class Owner:
                 # `create_trial` that was lost with its batch, until it comes again (from the queue here, or
                 # as the peer's retry).
                 fresh.hold_leases({**self._lost_leases, **self.model.leases})
+                # Read back, a trial still open counts as open across a restart (no history from it): this
+                # was no restart, so what the model knew of its stamps stands.
+                for trial_id in fresh.open_trials:
+                    known = self.model.trials.get(trial_id)
+                    if known is not None:
+                        fresh.trials[trial_id].timed = known.timed
+                for slave_id, slave in fresh.slaves.items():
+                    was = self.model.slaves.get(slave_id)
+                    if was is not None:
+                        slave.cut_at = was.cut_at
                 self.model.__dict__.update(fresh.__dict__)
             self._lost_leases.clear()
             self._stale = False

@@ -234,7 +234,11 @@ class Workers:
                 if entry is None:  # finished while we waited for the answer
                     self.coordinator.spawn(self._tell_finished(worker, taskset_id), f"finished-{worker.name}")
             elif entry is not None:
-                entry.assigned.discard(worker.name)
+                current = self.by_name.get(worker.name)
+                if current is None or current.taskset_id != taskset_id:
+                    # Not if a new connection of that worker has meanwhile said it runs the taskset (it took
+                    # the push's answer with it): its place stands.
+                    entry.assigned.discard(worker.name)
         if not accepted:
             # Give a refusing worker a moment before it is offered work again.
             await asyncio.sleep(0.5)

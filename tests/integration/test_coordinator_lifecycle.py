@@ -225,6 +225,20 @@ async def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history(database
         assert await h.call("query_taskset_status", ref) == "succeeded"
         assert await h.call("query_spec_average_sec", "proj", f"sha-{path}") is None
         assert await h.call("query_spec_average_sec", "proj", f"sha-{other}") == 1
+        # The other order, the usual one: the slave binds on its new connection before its old one is
+        # seen to close (it added a sample then).
+        ref = await new_taskset(h, [task("blink.py")], rsync_name="dev2")
+        async with h.client() as old:
+            slave_ref = await old.call("create_slave", "s1", ref)
+            task_ref, path, *_ = await old.call("dequeue_task", ref)
+            blinked = await old.call("create_trial", task_ref, slave_ref)
+            await old.call("start_trial", blinked)
+            async with h.client() as new:
+                await new.call("current_trial", slave_ref, blinked)
+                await old.close()
+                await asyncio.sleep(1.1)
+                await new.call("finish_trial", blinked, "passed", "", "", 1, 0, 0)
+        assert await h.call("query_spec_average_sec", "proj", f"sha-{path}") is None
 
 
 async def test_lease_returns_when_connection_closes(database_url: str, tmp_path: Path) -> None:

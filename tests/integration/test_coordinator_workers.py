@@ -219,3 +219,22 @@ async def test_a_disconnected_worker_leaves_with_the_taskset_it_kept_a_place_in(
         await h.call("cancel_taskset", ref)
         await until(lambda: not h.server.app[keys.COORDINATOR].workers.by_name)
         assert await h.call("active_workers") == []
+
+
+async def test_a_worker_that_reconnects_while_its_assignment_is_pending_keeps_its_place(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The push's answer was lost with the old connection, and its end freed the place the worker, back on a
+    new connection, had just said it runs: a second worker got the taskset of one."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as other, h.client() as first:
+        await register(first, "w1")
+        await first.answer(await first.next_request("query_taskset"), None)
+        ref = await new_taskset(h, [task("a.py")], max_workers=1)
+        await first.next_request("assign_taskset")  # accepted by the worker, but the answer never comes
+        async with h.client() as again:
+            await register(again, "w1", "default", ref)
+            await again.answer(await again.next_request("query_taskset"), ref)
+            await register(other, "w2")
+            with pytest.raises(TimeoutError):
+                await other.next_request("assign_taskset", timeout=1.5)
+            assert await h.call("active_workers") == [["w1", "default", ref], ["w2", "default", None]]

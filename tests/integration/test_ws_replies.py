@@ -407,6 +407,10 @@ async def test_a_value_the_store_refuses_fails_its_own_call_only(database_url: s
         assert await c.call("query_taskset_status", ref) == "succeeded"
         _, summary = await h.get(f"/api/v1/tasksets/{ref[1]}")
         assert summary["passed_count"] == 4
+        # The state read back after the refusal is no restart: the trial open across it still adds its sample.
+        _, tasks = await h.get(f"/api/v1/tasksets/{ref[1]}/tasks")
+        first = next(t for t in tasks["tasks"] if any(tr["id"] == trials[0][1] for tr in t["trials"]))
+        assert await c.call("query_spec_average_sec", "proj", first["spec_sha1"]) == 0
 
 
 async def test_an_owner_whose_loop_a_bug_ends_starts_again(database_url: str, tmp_path: Path) -> None:

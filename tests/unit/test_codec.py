@@ -403,6 +403,8 @@ def test_garbage_is_a_parse_error(codec: Codec) -> None:
         {"jsonrpc": "2.0", "id": 1, "error": {"code": "x", "message": "m"}},
         {"jsonrpc": "2.0", "id": 1, "error": "boom"},
         {"jsonrpc": "2.0", "result": 1},
+        {"id": 1, "result": None},
+        {"jsonrpc": "1.0", "id": 1, "result": None},
     ],
 )
 def test_non_requests_are_invalid_requests(frame: Any, codec: Codec) -> None:

@@ -283,7 +283,7 @@ def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history() -> None:
     cut, kept = (m.create_trial(100 + i, slave, lambda: next(new), T0)[0] for i, slave in enumerate((7, 8)))
     for ref in (cut, kept):
         m.start_trial(ref.id, T0)
-    m.untime_open_trials([7])
+    m.slaves[7].cut_at = T0 + dt.timedelta(seconds=1)  # its connection was lost while the trial ran
     late = T0 + dt.timedelta(seconds=30)
     for ref, samples in ((cut, []), (kept, [30000])):
         fx = m.finish_trial(ref.id, TrialStatus.PASSED, "", "", (1, 0, 0), late)
@@ -292,10 +292,15 @@ def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history() -> None:
     # A start that comes after the result (both sent at once, after the reconnect) adds none either.
     m2 = model([1.0])
     third, _ = m2.create_trial(100, 7, lambda: next(new), T0)
-    m2.untime_open_trials([7])
+    m2.slaves[7].cut_at = T0
     m2.finish_trial(third.id, TrialStatus.PASSED, "", "", (1, 0, 0), late)
     fx = m2.start_trial(third.id, late)
     assert [w.query for w in fx.writes] == ["start_trial"]
+    # A cut before the trial was created says nothing of it.
+    fourth, _ = m.create_trial(101, 7, lambda: next(new), T0 + dt.timedelta(seconds=2))
+    m.start_trial(fourth.id, T0 + dt.timedelta(seconds=2))
+    fx = m.finish_trial(fourth.id, TrialStatus.PASSED, "", "", (1, 0, 0), T0 + dt.timedelta(seconds=3))
+    assert [w.args[3] for w in fx.writes if w.query == "insert_spec_sample"] == [1000]
 
 
 def test_no_trial_starts_before_dispatch_and_a_slave_that_starts_one_is_alive() -> None:

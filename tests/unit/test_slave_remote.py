@@ -218,7 +218,7 @@ class Script:
     dequeue_open: threading.Event = field(default_factory=threading.Event)
     """Cleared: `dequeue_task` is answered only once it is set."""
     refused: set[int] = field(default_factory=set)
-    """Task ids whose `create_trial` is answered -32009 (decided meanwhile)."""
+    """Task ids whose `create_trial` is answered -32009."""
 
     def __post_init__(self) -> None:
         self.dequeue_open.set()
@@ -283,7 +283,7 @@ class ScriptedCoordinator:
             if frame["method"] == "dequeue_task" and not self.script.dequeue_open.is_set():
                 await asyncio.to_thread(self.script.dequeue_open.wait, 30)
             if frame["method"] == "create_trial" and frame["params"][0][1] in self.script.refused:
-                error = {"code": -32009, "message": f"task {frame['params'][0][1]} is decided (passed)"}
+                error = {"code": -32009, "message": f"task {frame['params'][0][1]}: no trial of it can start"}
                 await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": frame["id"], "error": error}))
                 continue
             result = self._answer(frame["method"], frame["params"])
@@ -390,13 +390,13 @@ def test_a_quick_file_reports_its_start_with_its_result(
 def test_a_trial_the_coordinator_refuses_skips_the_file(
     coordinator: ScriptedCoordinator, script: Script, tmp_path: Path
 ) -> None:
-    """Decided by another slave since the dequeue (or the taskset is over): -32009, and the slave goes on."""
+    """-32009 to create_trial: the slave skips the file and goes on (it ended with pytest's internal error)."""
     script.tasks = [dequeued(11, "test_a.py"), dequeued(12, "test_b.py")]
     script.refused = {11}
     source = source_for(coordinator, tmp_path)
     task = source.next_task()
     assert task is not None
-    with pytest.raises(TaskRefused, match="decided"):
+    with pytest.raises(TaskRefused, match="no trial of it can start"):
         source.start(task)
     assert source.next_task() == FileTask(12, "test_b.py", 60, 30)
     source.close(SlaveStatus.NORMAL_EXIT)

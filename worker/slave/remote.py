@@ -444,7 +444,8 @@ class RemoteSource:
         except ProtocolError as exc:
             if exc.code != ErrorCode.CONFLICT:
                 raise
-            # Decided by another slave's trial since the dequeue, or the taskset is over. Returned, not
+            # The coordinator will have no trial of it (it refuses one of a taskset not dispatched yet, and
+            # may refuse more). Returned, not
             # raised: the next turn's wait would raise it again.
             self._leased.pop(task.task_id, None)
             self._file_held = False

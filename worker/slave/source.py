@@ -35,7 +35,7 @@ class FileResult(msgspec.Struct, frozen=True):
 
 
 class TaskRefused(Exception):
-    """`start`: the coordinator will have no trial of this file (decided meanwhile, or its taskset over).
+    """`start`: the coordinator will have no trial of this file (-32009: its taskset not dispatched, say).
     The slave skips the file and asks for the next."""
 
 
