@@ -154,9 +154,10 @@ class Coordinator:
                 model = owner.model
                 if (
                     not model.active
-                    and not model.open_trials
                     and loop.time() - owner.last_used > IDLE_OWNER_S
                     and owner.idle
+                    # A slave of it that runs a trial must still be lost if it goes, and the trial ended.
+                    and not any(model.slaves[model.trials[t].slave_id].status is None for t in model.open_trials)
                 ):
                     self.owners.pop(owner.id, None)
                     await owner.stop()
@@ -292,8 +293,9 @@ class Coordinator:
 
         def lose(model: TasksetModel, now: dt.datetime) -> tuple[None, Effects]:
             slave = model.slaves.get(slave_id)
-            if slave is None or slave.status is not None:
-                return None, Effects()
+            conn = self._slave_conns.get(slave_id)
+            if slave is None or slave.status is not None or (conn is not None and not conn.closed):
+                return None, Effects()  # gone already, or bound again while this waited its turn
             return None, model.force_finish_slave(slave_id, SlaveStatus.FAILURE_EXIT, now)
 
         log.warning("slave_lost", taskset_id=taskset_id, slave_id=slave_id)

@@ -392,9 +392,13 @@ class Owner:
                 # Read back, a trial still open counts as open across a restart (no history from it): this
                 # was no restart, so what the model knew of its stamps stands.
                 for trial_id in fresh.open_trials:
-                    known = self.model.trials.get(trial_id)
+                    known, read = self.model.trials.get(trial_id), fresh.trials[trial_id]
                     if known is not None:
-                        fresh.trials[trial_id].timed = known.timed
+                        # Unless a stamp was lost with the failed commit: its retry would be stamped late.
+                        read.timed = known.timed and (known.started_at, known.finished_at) == (
+                            read.started_at,
+                            read.finished_at,
+                        )
                 for slave_id, slave in fresh.slaves.items():
                     was = self.model.slaves.get(slave_id)
                     if was is not None:

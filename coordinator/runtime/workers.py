@@ -146,8 +146,8 @@ class Workers:
         worker = self.by_name.get(conn.worker_name)
         if worker is not None and worker.conn is conn:
             log.info("worker_disconnected", worker=worker.name, taskset_id=worker.taskset_id)
-            if worker.taskset_id is None or worker.assigning is not None:
-                self._drop(worker)
+            if worker.taskset_id not in self.tasksets or worker.assigning is not None:
+                self._drop(worker)  # free, or its taskset is over: no place to keep
 
     async def _query(self, worker: Worker) -> None:
         """On registration, ask the worker itself what it runs: its answer wins over its claim."""
@@ -233,11 +233,13 @@ class Workers:
                 log.info("taskset_assigned", worker=worker.name, taskset_id=taskset_id)
                 if entry is None:  # finished while we waited for the answer
                     self.coordinator.spawn(self._tell_finished(worker, taskset_id), f"finished-{worker.name}")
+                else:
+                    entry.assigned.add(worker.name)  # (kept all along, unless a race took it: then back)
             elif entry is not None:
                 current = self.by_name.get(worker.name)
-                if current is None or current.taskset_id != taskset_id:
+                if current is None or taskset_id not in (current.taskset_id, current.assigning):
                     # Not if a new connection of that worker has meanwhile said it runs the taskset (it took
-                    # the push's answer with it): its place stands.
+                    # the push's answer with it), or was pushed it again: its place stands.
                     entry.assigned.discard(worker.name)
         if not accepted:
             # Give a refusing worker a moment before it is offered work again.

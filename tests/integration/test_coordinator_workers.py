@@ -238,3 +238,45 @@ async def test_a_worker_that_reconnects_while_its_assignment_is_pending_keeps_it
             with pytest.raises(TimeoutError):
                 await other.next_request("assign_taskset", timeout=1.5)
             assert await h.call("active_workers") == [["w1", "default", ref], ["w2", "default", None]]
+
+
+async def test_a_worker_pushed_again_on_a_new_connection_keeps_one_place(database_url: str, tmp_path: Path) -> None:
+    """The end of the push lost with the old connection freed the place of the push made on the new one: a
+    taskset of two got three workers."""
+    async with (
+        running_coordinator(database_url, tmp_path) as h,
+        h.client() as w3,
+        h.client() as w4,
+        h.client() as old,
+    ):
+        await register(old, "w1")
+        await old.answer(await old.next_request("query_taskset"), None)
+        ref = await new_taskset(h, [task("a.py")], max_workers=2)
+        await old.next_request("assign_taskset")  # never answered
+        async with h.client() as new:
+            await register(new, "w1")  # back, free, on a new connection: pushed again
+            pushed = await new.next_request("assign_taskset")
+            assert pushed["params"][0] == ref
+            await asyncio.sleep(0.2)  # the old push ends (its connection is closed)
+            for c, name in ((w3, "w3"), (w4, "w4")):
+                await register(c, name)
+            waits = [asyncio.create_task(c.next_request("assign_taskset", timeout=1.5)) for c in (w3, w4)]
+            got = [w for w in await asyncio.gather(*waits, return_exceptions=True) if isinstance(w, dict)]
+            assert len(got) == 1, got  # one place left, not two
+            await new.answer(pushed, None)
+            await until(lambda: h.server.app[keys.COORDINATOR].workers.by_name["w1"].taskset_id == ref[1])
+            assert h.server.app[keys.COORDINATOR].workers.tasksets[ref[1]].assigned >= {"w1"}
+
+
+async def test_a_worker_whose_taskset_ended_leaves_when_its_connection_closes(
+    database_url: str, tmp_path: Path
+) -> None:
+    """It kept a place in a taskset already over, so it stayed listed until its heartbeats ran out."""
+    async with running_coordinator(database_url, tmp_path) as h:
+        ref = await new_taskset(h, [task("a.py")], max_workers=1)
+        async with h.client() as w:
+            await register(w, "w1")
+            await w.answer(await w.next_request("assign_taskset"), None)
+            await h.call("cancel_taskset", ref)
+            await w.next_request("taskset_finished")  # not answered: it is frozen, say
+        await until(lambda: not h.server.app[keys.COORDINATOR].workers.by_name, timeout=2)

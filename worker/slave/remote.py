@@ -445,8 +445,7 @@ class RemoteSource:
             if exc.code != ErrorCode.CONFLICT:
                 raise
             # The coordinator will have no trial of it (it refuses one of a taskset not dispatched yet, and
-            # may refuse more). Returned, not
-            # raised: the next turn's wait would raise it again.
+            # may refuse more). Returned, not raised: the next turn's wait would raise it again.
             self._leased.pop(task.task_id, None)
             self._file_held = False
             self._log.info("task_refused", task_id=task.task_id, reason=exc.message)
