@@ -209,6 +209,15 @@ async def new_taskset(
     return ref  # type: ignore[no-any-return]
 
 
+async def started_trial(c: Client, taskset_ref: list[Any], slave_name: str = "s1") -> tuple[list[Any], str, list[Any]]:
+    """A new slave on `c` takes the next file and starts its trial: (slave ref, spec path, trial ref)."""
+    slave_ref = await c.call("create_slave", slave_name, taskset_ref)
+    task_ref, path, *_ = await c.call("dequeue_task", taskset_ref)
+    trial_ref = await c.call("create_trial", task_ref, slave_ref)
+    await c.call("start_trial", trial_ref)
+    return slave_ref, path, trial_ref
+
+
 async def run_trial(
     c: Client, taskset_ref: list[Any], slave_ref: list[Any], status: str = "passed", output: str = "ok"
 ) -> tuple[list[Any], list[Any]]:

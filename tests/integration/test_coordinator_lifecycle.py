@@ -13,7 +13,7 @@ from coordinator.core.errors import Unavailable
 from coordinator.core.taskset import Effects
 from coordinator.runtime.coordinator import RuntimeSettings
 from coordinator.transport import keys
-from tests.integration.coord import RpcError, new_taskset, run_trial, running_coordinator, task
+from tests.integration.coord import RpcError, new_taskset, run_trial, running_coordinator, started_trial, task
 
 
 async def test_full_lifecycle_passes_and_notifies(database_url: str, tmp_path: Path) -> None:
@@ -136,10 +136,7 @@ async def test_a_slave_bound_again_elsewhere_is_not_lost_when_its_old_connection
     async with running_coordinator(database_url, tmp_path, settings=settings) as h:
         ref = await new_taskset(h, [task("a.py")], max_trials=1)
         async with h.client() as old:
-            slave = await old.call("create_slave", "s1", ref)
-            task_ref, *_ = await old.call("dequeue_task", ref)
-            trial = await old.call("create_trial", task_ref, slave)
-            await old.call("start_trial", trial)
+            slave, _, trial = await started_trial(old, ref)
             async with h.client() as new:
                 await new.call("current_trial", slave, trial)
                 await old.close()
@@ -209,10 +206,7 @@ async def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history(database
     async with running_coordinator(database_url, tmp_path) as h:
         ref = await new_taskset(h, [task("cut.py"), task("kept.py")])
         async with h.client() as first:
-            slave_ref = await first.call("create_slave", "s1", ref)
-            task_ref, path, *_ = await first.call("dequeue_task", ref)
-            cut = await first.call("create_trial", task_ref, slave_ref)
-            await first.call("start_trial", cut)
+            slave_ref, path, cut = await started_trial(first, ref)
         async with h.client() as again:
             await again.call("current_trial", slave_ref, cut)
             await asyncio.sleep(1.1)
@@ -229,10 +223,7 @@ async def test_a_trial_open_while_its_slave_was_cut_off_adds_no_history(database
         # seen to close (it added a sample then).
         ref = await new_taskset(h, [task("blink.py")], rsync_name="dev2")
         async with h.client() as old:
-            slave_ref = await old.call("create_slave", "s1", ref)
-            task_ref, path, *_ = await old.call("dequeue_task", ref)
-            blinked = await old.call("create_trial", task_ref, slave_ref)
-            await old.call("start_trial", blinked)
+            slave_ref, path, blinked = await started_trial(old, ref)
             async with h.client() as new:
                 await new.call("current_trial", slave_ref, blinked)
                 await old.close()
@@ -385,10 +376,7 @@ async def test_slave_rebinding_within_grace_keeps_its_trial(database_url: str, t
     async with running_coordinator(database_url, tmp_path, settings=settings) as h:
         ref = await new_taskset(h, [task("a.py")])
         async with h.client() as first:
-            s1 = await first.call("create_slave", "s1", ref)
-            task_ref, *_ = await first.call("dequeue_task", ref)
-            trial = await first.call("create_trial", task_ref, s1)
-            await first.call("start_trial", trial)
+            s1, _, trial = await started_trial(first, ref)
         async with h.client() as back:
             await back.call("current_trial", s1, trial)
             await asyncio.sleep(1.5)

@@ -21,6 +21,12 @@ async def register(c: Client, name: str, worker_type: str = "default", ref: list
     await c.call("current_taskset", name, worker_type, ref)
 
 
+async def take_assignment(c: Client, name: str) -> None:
+    """Register `name` free and accept the taskset pushed to it."""
+    await register(c, name)
+    await c.answer(await c.next_request("assign_taskset"), None)
+
+
 async def until(predicate: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -100,8 +106,7 @@ async def test_disconnected_worker_frees_its_slot_once_its_heartbeats_are_missed
     async with running_coordinator(database_url, tmp_path, settings=settings) as h:
         ref = await new_taskset(h, [task("a.py")], max_workers=1)
         async with h.client() as first:
-            await register(first, "w1")
-            await first.answer(await first.next_request("assign_taskset"), None)
+            await take_assignment(first, "w1")
         closed = time.monotonic()
         async with h.client() as second:
             await register(second, "w2")
@@ -129,8 +134,7 @@ async def test_a_worker_that_reconnects_keeps_its_place_and_max_workers_holds(
     async with running_coordinator(database_url, tmp_path) as h, h.client() as other:
         ref = await new_taskset(h, [task("a.py")], max_workers=1)
         async with h.client() as first:
-            await register(first, "w1")
-            await first.answer(await first.next_request("assign_taskset"), None)
+            await take_assignment(first, "w1")
         await register(other, "w2")
         with pytest.raises(TimeoutError):
             await other.next_request("assign_taskset", timeout=1.0)
@@ -207,39 +211,6 @@ async def test_the_older_connection_of_a_name_is_closed_with_4001(database_url: 
         assert [x[0] for x in await h.call("active_workers")] == [name]
 
 
-async def test_a_disconnected_worker_leaves_with_the_taskset_it_kept_a_place_in(
-    database_url: str, tmp_path: Path
-) -> None:
-    async with running_coordinator(database_url, tmp_path) as h:
-        ref = await new_taskset(h, [task("a.py")], max_workers=1)
-        async with h.client() as first:
-            await register(first, "w1")
-            await first.answer(await first.next_request("assign_taskset"), None)
-        assert await h.call("active_workers") == [["w1", "default", ref]]
-        await h.call("cancel_taskset", ref)
-        await until(lambda: not h.server.app[keys.COORDINATOR].workers.by_name)
-        assert await h.call("active_workers") == []
-
-
-async def test_a_worker_that_reconnects_while_its_assignment_is_pending_keeps_its_place(
-    database_url: str, tmp_path: Path
-) -> None:
-    """The push's answer was lost with the old connection, and its end freed the place the worker, back on a
-    new connection, had just said it runs: a second worker got the taskset of one."""
-    async with running_coordinator(database_url, tmp_path) as h, h.client() as other, h.client() as first:
-        await register(first, "w1")
-        await first.answer(await first.next_request("query_taskset"), None)
-        ref = await new_taskset(h, [task("a.py")], max_workers=1)
-        await first.next_request("assign_taskset")  # accepted by the worker, but the answer never comes
-        async with h.client() as again:
-            await register(again, "w1", "default", ref)
-            await again.answer(await again.next_request("query_taskset"), ref)
-            await register(other, "w2")
-            with pytest.raises(TimeoutError):
-                await other.next_request("assign_taskset", timeout=1.5)
-            assert await h.call("active_workers") == [["w1", "default", ref], ["w2", "default", None]]
-
-
 async def test_a_worker_pushed_again_on_a_new_connection_keeps_one_place(database_url: str, tmp_path: Path) -> None:
     """The end of the push lost with the old connection freed the place of the push made on the new one: a
     taskset of two got three workers."""
@@ -268,15 +239,21 @@ async def test_a_worker_pushed_again_on_a_new_connection_keeps_one_place(databas
             assert h.server.app[keys.COORDINATOR].workers.tasksets[ref[1]].assigned >= {"w1"}
 
 
-async def test_a_worker_whose_taskset_ended_leaves_when_its_connection_closes(
-    database_url: str, tmp_path: Path
+@pytest.mark.parametrize("closed_first", [True, False])
+async def test_a_disconnected_worker_leaves_with_its_taskset(
+    database_url: str, tmp_path: Path, closed_first: bool
 ) -> None:
-    """It kept a place in a taskset already over, so it stayed listed until its heartbeats ran out."""
+    """Whichever ends first, its connection or its taskset, it leaves once both have: it kept a place in a
+    taskset already over when its connection closed last, and stayed listed until its heartbeats ran out."""
     async with running_coordinator(database_url, tmp_path) as h:
         ref = await new_taskset(h, [task("a.py")], max_workers=1)
         async with h.client() as w:
-            await register(w, "w1")
-            await w.answer(await w.next_request("assign_taskset"), None)
+            await take_assignment(w, "w1")
+            if not closed_first:
+                await h.call("cancel_taskset", ref)
+                await w.next_request("taskset_finished")  # not answered: it is frozen, say
+        if closed_first:
+            assert await h.call("active_workers") == [["w1", "default", ref]]  # it keeps its place
             await h.call("cancel_taskset", ref)
-            await w.next_request("taskset_finished")  # not answered: it is frozen, say
         await until(lambda: not h.server.app[keys.COORDINATOR].workers.by_name, timeout=2)
+        assert await h.call("active_workers") == []
