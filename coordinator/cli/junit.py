@@ -58,17 +58,14 @@ def _records(report: Report, trial: Trial | None) -> tuple[str, list[CaseRecord]
 _RESULT_TAG: Final = {"failed": "failure", "error": "error", "skipped": "skipped", "xfailed": "skipped"}
 
 
-def _failing(case: Case) -> list[CaseRecord]:
-    """The results of a case that are not passes, in order (those `_result_elements` describes)."""
-    return [record for record in case.results if record.outcome in _RESULT_TAG]
-
-
-def _result_elements(case: Case, human: str) -> Iterable[tuple[str, str, str]]:
-    """(tag, message, text) of each non-passing result of a case."""
-    for record in _failing(case):
-        tag = _RESULT_TAG[record.outcome]
+def _result_elements(case: Case, human: str) -> Iterable[tuple[str, str, str, str]]:
+    """(tag, message, text, phase) of each non-passing result of a case."""
+    for record in case.results:
+        tag = _RESULT_TAG.get(record.outcome)
+        if tag is None:
+            continue
         text = failure_text(human, case.nodeid, record.when) if tag != "skipped" else None
-        yield tag, record.message[:MAX_MESSAGE], text or record.message
+        yield tag, record.message[:MAX_MESSAGE], text or record.message, record.when
 
 
 def _add_cases(
@@ -80,7 +77,7 @@ def _add_cases(
         element = _el(
             suite, "testcase", classname=case.classname, name=case.name, file=case.file, time=f"{case.time_s:.3f}"
         )
-        for tag, message, text in _result_elements(case, human):
+        for tag, message, text, _ in _result_elements(case, human):
             attrs = {"message": message}
             if tag == "skipped":
                 attrs["type"] = "pytest.xfail" if any(r.outcome == "xfailed" for r in case.results) else "pytest.skip"
@@ -104,9 +101,9 @@ def _history(report: Report, task: TaskRecord) -> dict[str, list[tuple[str, str,
     for trial in earlier_failures(task):
         human, records = _records(report, trial)
         for case in group_cases(records or []):
-            for (tag, message, text), record in zip(_result_elements(case, human), _failing(case), strict=True):
-                if tag in ("failure", "error"):
-                    found.setdefault(case.nodeid, []).append((tag, message, text, record.when))
+            for element in _result_elements(case, human):
+                if element[0] in ("failure", "error"):
+                    found.setdefault(case.nodeid, []).append(element)
     return found
 
 

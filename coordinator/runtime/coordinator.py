@@ -244,7 +244,6 @@ class Coordinator:
     def published(self, model: TasksetModel, fx: Effects, started: float) -> None:
         if fx.notes or fx.global_notes:
             self.hub.publish_taskset(model.id, fx.notes, fx.global_notes)
-        if fx.notes or fx.global_notes:
             self.metrics.notification_lag.observe(time.perf_counter() - started)
         if model.active:
             self.metrics.queue_depth.labels(str(model.id)).set(model.queue_depth)
@@ -282,10 +281,14 @@ class Coordinator:
             lambda: self.spawn(self._lose_slave(taskset_id, slave_id), f"lose-slave-{slave_id}"),
         )
 
+    def _bound(self, slave_id: int) -> bool:
+        """Whether the slave is bound to an open connection now."""
+        conn = self._slave_conns.get(slave_id)
+        return conn is not None and not conn.closed
+
     async def _lose_slave(self, taskset_id: int, slave_id: int) -> None:
         self._grace.pop(slave_id, None)
-        conn = self._slave_conns.get(slave_id)
-        if conn is not None and not conn.closed:
+        if self._bound(slave_id):
             return  # bound again in the moment between the timer and this task
         owner = await self.owner(taskset_id)
         if owner is None:
@@ -293,8 +296,7 @@ class Coordinator:
 
         def lose(model: TasksetModel, now: dt.datetime) -> tuple[None, Effects]:
             slave = model.slaves.get(slave_id)
-            conn = self._slave_conns.get(slave_id)
-            if slave is None or slave.status is not None or (conn is not None and not conn.closed):
+            if slave is None or slave.status is not None or self._bound(slave_id):
                 return None, Effects()  # gone already, or bound again while this waited its turn
             return None, model.force_finish_slave(slave_id, SlaveStatus.FAILURE_EXIT, now)
 

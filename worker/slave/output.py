@@ -5,10 +5,6 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
-from protocol.messages import CASES_MARKER, split_cases_block
-
-__all__ = ["CASES_MARKER", "MAX_OUTPUT_BYTES", "OutputBuffer", "bound_text", "bound_with_block", "split_cases_block"]
-
 MAX_OUTPUT_BYTES: Final = 4 * 1024 * 1024
 
 

@@ -67,7 +67,7 @@ import structlog
 
 from protocol.codec import MAX_FRAME_BYTES
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import DequeuedTask
+from protocol.messages import DequeuedTask, split_cases_block
 from protocol.peer import Disconnected, Peer
 from protocol.types import SlaveRef, SlaveStatus, TaskRef, TasksetRef, TrialRef, TrialStatus
 from worker.slave.environment import (
@@ -81,7 +81,7 @@ from worker.slave.environment import (
     slave_env,
     start_time_of,
 )
-from worker.slave.output import bound_text, split_cases_block
+from worker.slave.output import bound_text
 from worker.slave.source import FileResult, FileTask, TaskRefused
 
 T = TypeVar("T")

@@ -7,8 +7,9 @@ from typing import Final
 
 import pytest
 
+from protocol.messages import CASES_MARKER
 from protocol.types import TrialStatus
-from worker.slave.output import CASES_MARKER, MAX_OUTPUT_BYTES, bound_text, bound_with_block, encodable
+from worker.slave.output import MAX_OUTPUT_BYTES, bound_text, bound_with_block, encodable
 from worker.slave.source import FileResult
 
 # pytest's report categories (the words of its summary line) and the count each one feeds.
