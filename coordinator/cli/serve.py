@@ -44,6 +44,7 @@ class ServeSettings(msgspec.Struct, frozen=True):
     slave_grace_sec: float = 15.0
     heartbeat_sec: float = 10.0
     output_limit_bytes: int = 4 * 1024 * 1024
+    request_timeout_sec: float = 30.0
     log_level: str = "info"
 
 
@@ -114,6 +115,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("HEARTBEAT_SEC", "10"),
     )
     opt(
+        "--request-timeout-sec",
+        "REQUEST_TIMEOUT_SEC",
+        "seconds a connection has to send a request's headers (or a /rpc body, or an upload's next bytes);"
+        " an idle keep-alive connection is closed after as long",
+        type=_seconds,
+        default=env("REQUEST_TIMEOUT_SEC", "30"),
+    )
+    opt(
         "--log-level",
         "LOG_LEVEL",
         "debug, info, warning or error",
@@ -160,6 +169,7 @@ def settings_from(args: argparse.Namespace) -> ServeSettings:
         insecure=_switch(args.insecure, "TESTFLEET_INSECURE"),
         slave_grace_sec=args.slave_grace_sec,
         heartbeat_sec=args.heartbeat_sec,
+        request_timeout_sec=args.request_timeout_sec,
         log_level=args.log_level,
     )
 
@@ -203,9 +213,19 @@ async def serve(settings: ServeSettings, ready: Callable[[str], None] | None = N
                     slave_grace_s=settings.slave_grace_sec,
                     heartbeat_s=settings.heartbeat_sec,
                     output_limit=settings.output_limit_bytes,
+                    request_timeout_s=settings.request_timeout_sec,
                 ),
             )
-            runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+            runner = web.AppRunner(
+                app,
+                handle_signals=False,
+                access_log=None,
+                shutdown_timeout=5.0,
+                # A connection that has not sent a whole request's headers this long after it opened (or after
+                # its last reply) is closed: one that sends nothing, or a byte now and then, holds no file for
+                # good. A WebSocket, once upgraded, is the liveness pings' to judge.
+                keepalive_timeout=settings.request_timeout_sec,
+            )
             await runner.setup()
             site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
             await site.start()

@@ -56,6 +56,8 @@ class RuntimeSettings:
     missed_heartbeats: int = 3
     output_limit: int = 4 * 1024 * 1024
     dequeue_poll_s: float = 1.0
+    request_timeout_s: float = 30.0
+    """How long an HTTP request's headers, or an upload's next bytes, may take to arrive (see `serve`)."""
 
 
 class Coordinator:

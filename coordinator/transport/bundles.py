@@ -14,7 +14,7 @@ from typing import Final
 from aiohttp import web
 
 from coordinator.transport import keys
-from coordinator.transport.rpc import Tokens, presented_token
+from coordinator.transport.rpc import Tokens, presented_token, too_slow
 from protocol.messages import Role, rsync_name_stem
 
 RSYNC_NAME: Final = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._@+-]{0,254}\Z")
@@ -78,21 +78,29 @@ async def put_bundle(request: web.Request) -> web.StreamResponse:
     size = 0
     fd, tmp_name = tempfile.mkstemp(dir=bundles.directory, prefix=f".{rsync_name_stem(name)}.", suffix=".part")
     tmp = Path(tmp_name)
+    # An upload may take as long as it needs, but its bytes must not stop coming for the request timeout.
+    timeout_s = request.app[keys.COORDINATOR].settings.request_timeout_s
+    loop = asyncio.get_running_loop()
     try:
         with os.fdopen(fd, "wb") as out:
-            async for chunk in request.content.iter_chunked(CHUNK):
-                size += len(chunk)
-                if size > bundles.max_bytes:
-                    return web.json_response(
-                        {"error": f"a bundle may have at most {bundles.max_bytes} bytes"}, status=413
-                    )
-                digest.update(chunk)
-                await asyncio.to_thread(out.write, chunk)
+            async with asyncio.timeout(timeout_s) as stalled:
+                async for chunk in request.content.iter_chunked(CHUNK):
+                    size += len(chunk)
+                    if size > bundles.max_bytes:
+                        return web.json_response(
+                            {"error": f"a bundle may have at most {bundles.max_bytes} bytes"}, status=413
+                        )
+                    digest.update(chunk)
+                    stalled.reschedule(None)  # the disk's time is not the peer's
+                    await asyncio.to_thread(out.write, chunk)
+                    stalled.reschedule(loop.time() + timeout_s)
         if size == 0:
             return web.json_response({"error": "the bundle is empty"}, status=400)
         sha = digest.hexdigest()
         await asyncio.to_thread(bundles.publish, name, tmp, sha)
         return web.json_response({"rsync_name": name, "sha256": sha, "bytes": size}, headers={"ETag": f'"{sha}"'})
+    except TimeoutError:
+        return await too_slow(request, f"the upload's bytes stopped coming for {timeout_s:g} s")
     finally:
         _remove(tmp)  # on the loop, so that a cancelled upload leaves no part file behind
 

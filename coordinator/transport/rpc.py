@@ -223,6 +223,17 @@ class Dispatcher:
         return self.coordinator.handlers[spec.name], params
 
 
+async def too_slow(request: web.Request, message: str) -> web.StreamResponse:
+    """408 for a request whose bytes stopped coming, and the connection closed once it is written (rather than
+    kept open a while to read the rest, which is not coming)."""
+    response = web.json_response({"error": message}, status=408)
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
+
+
 def codec_of_content_type(content_type: str) -> wire.Codec | None:
     """msgpack for its media types, JSON for JSON and for the types plain HTTP tools send by default."""
     base = content_type.split(";", maxsplit=1)[0].strip().lower()
@@ -244,15 +255,20 @@ async def rpc_view(request: web.Request) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > limit:
         return web.json_response({"error": f"the body exceeds {limit} bytes"}, status=413)
     received = bytearray()
+    timeout_s = dispatcher.coordinator.settings.request_timeout_s
     try:
-        # `read(n)` returns what has arrived, up to n bytes: read on to the end (or just past the limit).
-        while len(received) <= limit:
-            chunk = await request.content.read(limit + 1 - len(received))
-            if not chunk:
-                break
-            received += chunk
+        # A body is a single call or batch: it has the request timeout to arrive whole.
+        async with asyncio.timeout(timeout_s):
+            # `read(n)` returns what has arrived, up to n bytes: read on to the end (or just past the limit).
+            while len(received) <= limit:
+                chunk = await request.content.read(limit + 1 - len(received))
+                if not chunk:
+                    break
+                received += chunk
     except aiohttp.ClientPayloadError:
         return web.json_response({"error": "the body could not be read"}, status=400)
+    except TimeoutError:
+        return await too_slow(request, f"the body did not arrive within {timeout_s:g} s")
     body = bytes(received)
     if len(body) > limit:
         return web.json_response({"error": f"the body exceeds {limit} bytes"}, status=413)

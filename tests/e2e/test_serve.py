@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -274,3 +279,85 @@ def test_the_worker_logs_library_records_as_its_own_lines_too() -> None:
     first, second = (json.loads(line) for line in done.stderr.splitlines())
     assert first["logger"] == "aiohttp.client" and first["event"] == "Unclosed client session"
     assert second["event"] == "shown" and second["level"] == "warning"
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the peer closed `sock` (reading and dropping what it sends); fails after `seconds`."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    while sock.recv(4096):
+        pass
+    return time.monotonic() - started
+
+
+def _reply_head(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before a reply: {data!r}"
+        data += chunk
+    return data
+
+
+def test_serve_closes_connections_whose_requests_stall() -> None:
+    """No request, a request trickled in, a stalled body, a stalled upload, an idle keep-alive: each connection
+    is closed after the request timeout (a stalled body with a 408), while a quiet WebSocket stays open."""
+    data_dir = Path(f"/tmp/testfleet-e2e-serve-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        proc, url = start_serve(data_dir, "--request-timeout-sec", "1")
+        address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        try:
+            with contextlib.ExitStack() as sockets:
+
+                def connect() -> socket.socket:
+                    return sockets.enter_context(socket.create_connection(address))
+
+                silent = connect()
+                trickle = connect()
+                trickle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                body = connect()
+                body.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+                body.sendall(b'Content-Length: 100\r\n\r\n{"jsonrpc"')
+                upload = connect()
+                upload.sendall(b"PUT /api/v1/bundles/stall HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+                idle = connect()
+                idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert b" 200 " in _reply_head(idle).split(b"\r\n", 1)[0]
+
+                async def quiet_websocket() -> object:
+                    async with aiohttp.ClientSession() as session, session.ws_connect(url + "/ws") as ws:
+                        await asyncio.sleep(2.5)  # longer than the request timeout, shorter than a heartbeat
+                        await ws.send_json({"jsonrpc": "2.0", "id": 1, "method": "active_tasksets", "params": []})
+                        return (await ws.receive_json(timeout=10))["result"]
+
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    websocket = pool.submit(asyncio.run, quiet_websocket())
+                    # A header line every 0.2 s keeps no connection open past the timeout.
+                    deadline = time.monotonic() + 8
+                    with pytest.raises(OSError):
+                        while time.monotonic() < deadline:
+                            trickle.sendall(b"X-Slow: 1\r\n")
+                            time.sleep(0.2)
+                            trickle.setblocking(False)
+                            try:
+                                if trickle.recv(4096) == b"":
+                                    raise ConnectionResetError("closed")
+                            except BlockingIOError:
+                                pass
+                            finally:
+                                trickle.setblocking(True)
+                    assert time.monotonic() < deadline, "a request trickled in a header at a time was never cut off"
+                    assert _closed_within(silent, 8) < 8
+                    for stalled in (body, upload):
+                        head = _reply_head(stalled)
+                        assert head.startswith(b"HTTP/1.1 408 "), head
+                        _closed_within(stalled, 8)
+                    _closed_within(idle, 8)
+                    assert websocket.result(timeout=30) == []
+                assert not list((data_dir / "bundles").glob("*.part")), "a stalled upload left its part file"
+                assert rpc(url, "active_tasksets") == {"jsonrpc": "2.0", "id": 1, "result": []}
+        finally:
+            assert stop(proc) == 0
+    finally:
+        subprocess.run(["rm", "-rf", str(data_dir)], check=False)
