@@ -122,8 +122,30 @@ class Coordinator:
                 self._start_grace(owner.id, slave.id)
             self.workers.taskset_opened(owner.model)
         self.workers.start()
+        self.spawn(self._recover_finished(), "recover-finished-tasksets")
         self.spawn(self._evict_idle(), "evict-idle-owners")
         self.spawn(self._trim_history(), "trim-history")
+
+    async def _recover_finished(self) -> None:
+        """Finished tasksets whose slaves were not all ended when the last coordinator stopped: each such slave
+        gets the grace period too, so that a trial it had open ends (with its result if it comes back, as
+        `error` if not) instead of staying open for good. In the background: nothing waits on these."""
+        try:
+            taskset_ids = await self.store.finished_taskset_ids_with_unfinished_slaves()
+        except CoordinatorError as exc:
+            log.warning("finished_tasksets_not_recovered", error=str(exc))
+            return
+        for taskset_id in taskset_ids:
+            try:
+                owner = await self.owner(taskset_id)
+            except CoordinatorError as exc:
+                log.warning("finished_taskset_not_recovered", taskset_id=taskset_id, error=str(exc))
+                continue
+            if owner is None:
+                continue
+            for slave in owner.model.unfinished_slaves():
+                if slave.id not in self._grace and not self._bound(slave.id):
+                    self._start_grace(owner.id, slave.id)
 
     async def close(self) -> None:
         await self.workers.stop()

@@ -82,6 +82,13 @@ VALUES ($1, $2, $3, $4, $5, $6, $7);
 -- Tasksets that are not finished, oldest first.
 SELECT id FROM tasksets WHERE status IN ('rsync_waiting', 'waiting', 'running') ORDER BY id;
 
+-- name: finished_taskset_ids_with_unfinished_slaves
+-- Finished tasksets with a slave that has no final status (a restart came before it was lost).
+SELECT DISTINCT s.taskset_id AS id
+FROM slaves s JOIN tasksets t ON t.id = s.taskset_id
+WHERE s.status IS NULL AND t.status NOT IN ('rsync_waiting', 'waiting', 'running')
+ORDER BY s.taskset_id;
+
 -- name: active_taskset_ids_of_rsync_name
 -- The unfinished tasksets of one rsync_name.
 SELECT id FROM tasksets WHERE rsync_name = $1 AND status IN ('rsync_waiting', 'waiting', 'running') ORDER BY id;

@@ -379,6 +379,9 @@ class Store:
             rows = await self._fetch("active_taskset_ids_of_rsync_name", rsync_name)
         return [int(r["id"]) for r in rows]
 
+    async def finished_taskset_ids_with_unfinished_slaves(self) -> list[int]:
+        return [int(r["id"]) for r in await self._fetch("finished_taskset_ids_with_unfinished_slaves")]
+
     async def task_counts(self, taskset_id: int) -> dict[str, int]:
         row = await self._fetchrow("task_counts", taskset_id)
         assert row is not None

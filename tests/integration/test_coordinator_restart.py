@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 from coordinator.runtime.coordinator import RuntimeSettings
 from tests.integration.coord import new_taskset, running_coordinator, task
@@ -64,3 +66,40 @@ async def test_restart_mid_taskset_finishes_with_nothing_lost(database_url: str,
         assert await h.call("query_spec_average_sec", "proj", f"sha-{leased_path}") == 0
         _, slaves = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
         assert {s["name"]: s["status"] for s in slaves["slaves"]}["s2"] == "failure_exit"
+
+
+async def test_a_restart_leaves_no_trial_of_a_finished_taskset_open(database_url: str, tmp_path: Path) -> None:
+    """A taskset finished (here cancelled) while two trials still ran, and the coordinator stopped before its
+    slaves were lost: after the restart, the slave that re-binds reports its result, and the other one's trial
+    ends as `error` once the grace period is over (before, it stayed open for good)."""
+    settings = RuntimeSettings(slave_grace_s=0.5)
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h, h.client() as c:
+        ref = await new_taskset(h, [task("a.py"), task("b.py")], max_trials=1)
+        s1 = await c.call("create_slave", "s1", ref)
+        s2 = await c.call("create_slave", "s2", ref)
+        trials = []
+        for slave in (s1, s2):
+            item = await c.call("dequeue_task", ref)
+            trial = await c.call("create_trial", item[0], slave)
+            await c.call("start_trial", trial)
+            trials.append(trial)
+        await c.call("cancel_taskset", ref)
+        assert await h.call("query_taskset_status", ref) == "cancelled"
+    t1, t2 = trials
+
+    async def statuses(h: Any) -> tuple[dict[int, Any], dict[str, Any]]:
+        _, body = await h.get(f"/api/v1/tasksets/{ref[1]}/tasks")
+        _, slaves = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
+        by_trial = {t["id"]: t["status"] for task_ in body["tasks"] for t in task_["trials"]}
+        return by_trial, {s["name"]: s["status"] for s in slaves["slaves"]}
+
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h, h.client() as c:
+        await c.call("current_trial", s1, t1)  # s1 is back; s2 never comes
+        await c.call("finish_trial", t1, "passed", "", "", 1, 0, 0)
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await statuses(h))[0][t2[1]] is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        by_trial, by_slave = await statuses(h)
+        assert by_trial == {t1[1]: "passed", t2[1]: "error"}
+        assert by_slave == {"s1": None, "s2": "failure_exit"}
+        assert await h.call("query_taskset_status", ref) == "cancelled"
