@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import re
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
@@ -44,6 +45,9 @@ DEFAULT_OUTPUT_LIMIT: Final = 4 * 1024 * 1024
 # The store indexes spec paths with the taskset class (up to 255 characters): an index entry holds at most
 # 2,704 bytes, so a path may take 1,024.
 MAX_SPEC_PATH_BYTES: Final = 1024
+# Control characters (a newline would split a line of every report that names the file) and the ones that
+# reorder text as it is shown (so a path could read as another in a terminal or the dashboard).
+UNSHOWABLE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 WORKER_LOG_TIMES: Final = ("rsync_finished_at", "setup_finished_at", "rspec_finished_at", "finished_at")
 
 
@@ -699,13 +703,18 @@ def expected_duration(history_s: float | None, path_history_s: float | None, sof
 
 
 def check_tasks(spec_paths: Iterable[str], timeouts: Iterable[tuple[int, int]]) -> None:
-    """`InvalidArgument` for a duplicate, absolute, escaping or too long spec path, or soft > hard."""
+    """`InvalidArgument` for a duplicate, absolute, escaping, unshowable or too long spec path, or soft > hard."""
     seen: set[str] = set()
     for path, (hard, soft) in zip(spec_paths, timeouts, strict=True):
         if len(path) * 4 > MAX_SPEC_PATH_BYTES and len(path.encode()) > MAX_SPEC_PATH_BYTES:
             raise InvalidArgument(f"spec_path {path[:80]!r}... is longer than {MAX_SPEC_PATH_BYTES} bytes")
         if path.startswith("/") or "\\" in path or "\x00" in path:
             raise InvalidArgument(f"spec_path {path!r} must be a relative path inside the tree")
+        unshowable = UNSHOWABLE.search(path)
+        if unshowable is not None:
+            raise InvalidArgument(
+                f"spec_path {path!r} has a control or text-direction character (U+{ord(unshowable.group()):04X})"
+            )
         parts = path.split("/")
         if ".." in parts or "" in parts or "." in parts:
             raise InvalidArgument(f"spec_path {path!r} must be a plain relative path without '..', '.' or '//'")

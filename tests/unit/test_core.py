@@ -203,6 +203,13 @@ def test_create_trial_is_idempotent_per_slave() -> None:
         (["x" * 1022 + ".py"], [(2, 1)], False),
         (["\u00e9" * 510 + ".py"], [(2, 1)], True),  # 1,023 bytes in 513 characters
         (["\u00e9" * 511 + ".py"], [(2, 1)], False),  # 1,025 bytes in 514 characters
+        (["a\nb.py"], [(2, 1)], False),  # a newline would split every report line naming it
+        (["a\tb.py"], [(2, 1)], False),
+        (["a\x7fb.py"], [(2, 1)], False),
+        (["a\x85b.py"], [(2, 1)], False),
+        (["evil\u202eyp.py"], [(2, 1)], False),  # shown as "evilpy.py" read backwards
+        (["a\u2066b.py"], [(2, 1)], False),
+        (["t\u00e9st_\u65e5\u672c.py", "emoji_\U0001f600.py", "a b.py"], [(2, 1)] * 3, True),
     ],
 )
 def test_check_tasks(paths: list[str], timeouts: list[tuple[int, int]], ok: bool) -> None:
