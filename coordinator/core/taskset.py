@@ -114,8 +114,10 @@ class TrialState:
     finished_at: dt.datetime | None = None
     timed: bool = True
     """False for a trial open across a restart of the coordinator. Stamps are taken when the calls arrive: a
-    trial open then, or while its slave's connection was lost (`SlaveState.cut_at`), may have ended long
+    trial open then, or while its slave's connection was lost (`SlaveState.cuts`), may have ended long
     before its finish came in, so it adds no history sample."""
+    slave_cuts: int = 0
+    """Its slave's `cuts` when it was created: a cut since (the count moved on) means no sample."""
 
 
 @dataclass(slots=True)
@@ -150,9 +152,9 @@ class SlaveState:
     name: str
     status: SlaveStatus | None = None
     current_trial_id: int | None = None
-    cut_at: dt.datetime | None = None
-    """When it last lost a connection (closed, or replaced by a new one): its trials open then feed no
-    history (see `TrialState.timed`)."""
+    cuts: int = 0
+    """How often it lost a connection (closed, or replaced by a new one): its trials open then feed no
+    history (see `TrialState.timed`). A count, not a time: a clock set back cannot hide a cut."""
 
 
 @dataclass(slots=True)
@@ -451,7 +453,7 @@ class TasksetModel:
         # verdict.)
         self._set_slave_status(slave, None, now, fx)
         self._unqueue(task_id)
-        trial = TrialState(new_id(), task_id, slave_id, None, now)
+        trial = TrialState(new_id(), task_id, slave_id, None, now, slave_cuts=slave.cuts)
         task.trials.append(trial)
         self.trials[trial.id] = trial
         self.open_trials.add(trial.id)
@@ -481,7 +483,7 @@ class TasksetModel:
         if not trial.timed:
             return
         slave = self.slaves.get(trial.slave_id)
-        if slave is not None and slave.cut_at is not None and slave.cut_at >= trial.created_at:
+        if slave is not None and slave.cuts != trial.slave_cuts:
             return  # its slave lost a connection while it was open (it ends before its finish is stamped)
         task = self.tasks[trial.task_id]
         duration_ms = max(0, int((trial.finished_at - trial.started_at).total_seconds() * 1000))

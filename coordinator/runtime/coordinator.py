@@ -328,14 +328,14 @@ class Coordinator:
         await owner.run(lose)
 
     def _cut(self, taskset_id: int, slave_id: int) -> None:
-        """The slave lost a connection now: its trials open now feed no history (`SlaveState.cut_at`).
+        """The slave lost a connection now: its trials open now feed no history (`SlaveState.cuts`).
 
         Set at once rather than through its owner's queue, so that no result it sends on a new connection is
         applied first; not durable (a restart makes every open trial untimed anyway)."""
         owner = self.owners.get(taskset_id)
         slave = None if owner is None else owner.model.slaves.get(slave_id)
         if slave is not None:
-            slave.cut_at = utcnow()
+            slave.cuts += 1
 
     async def connection_closed(self, conn: Connection) -> None:
         """Return the connection's leases at once; its slaves get the grace period to re-bind."""

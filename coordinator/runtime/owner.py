@@ -399,10 +399,11 @@ class Owner:
                             read.started_at,
                             read.finished_at,
                         )
+                        read.slave_cuts = known.slave_cuts
                 for slave_id, slave in fresh.slaves.items():
                     was = self.model.slaves.get(slave_id)
                     if was is not None:
-                        slave.cut_at = was.cut_at
+                        slave.cuts = was.cuts
                 self.model.__dict__.update(fresh.__dict__)
             self._lost_leases.clear()
             self._stale = False
