@@ -6,6 +6,20 @@ import logging
 import sys
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
+
+
+class _PeersFaults(logging.Filter):
+    """A request the HTTP server could not read, or a peer gone mid-request, is the peer's doing: one warning
+    line naming it, without a traceback (any outsider could otherwise fill the log with error tracebacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name.startswith("aiohttp") and isinstance(error, HttpProcessingError | ConnectionResetError):
+            record.msg, record.args = f"{record.getMessage()}: {type(error).__name__}: {error}", None
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def configure_logging(level: str, *, colors: bool = False) -> None:
@@ -45,6 +59,7 @@ def configure_logging(level: str, *, colors: bool = False) -> None:
             ],
         )
     )
+    handler.addFilter(_PeersFaults())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))

@@ -226,7 +226,8 @@ class Hub:
         self.publish(self.global_listeners, notes)
 
     def counts_by_role(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+        """Open connections by what they serve; every role is named, at 0 when it has none."""
+        counts: dict[str, int] = {"worker": 0, "slave": 0, "other": 0}
         for conn in self.connections.values():
             role = "worker" if conn.worker_name else ("slave" if conn.slave_ids else "other")
             counts[role] = counts.get(role, 0) + 1

@@ -16,7 +16,7 @@ import asyncpg
 import msgspec
 import structlog
 
-from coordinator.core.errors import Refused, RsyncNameBusy, Unavailable
+from coordinator.core.errors import CoordinatorError, Refused, RsyncNameBusy, Unavailable
 from coordinator.core.taskset import (
     SlaveState,
     TasksetModel,
@@ -68,6 +68,9 @@ _TRANSIENT: Final = (
 )
 _log = structlog.get_logger("testfleet.store")
 _BLOCKS: Final = {"tasks": 1000, "trials": 1000, "slaves": 1000, "worker_logs": 1000}
+PING_TIMEOUT_S: Final = 2.0
+READ_API_TIMEOUT_S: Final = 10.0
+"""How long a read of the read API may take before it answers 503: a stuck database is not waited out."""
 
 
 def load_queries() -> dict[str, str]:
@@ -210,13 +213,16 @@ class Store:
 
     # -- plain queries -------------------------------------------------------------
 
-    async def _read(self, how: str, name: str, *args: Any) -> Any:
-        """A read query, tried again for a while when the database is unreachable."""
+    async def _read(self, how: str, name: str, *args: Any, timeout: float | None = None) -> Any:
+        """A read query, tried again for a while when the database is unreachable (not when it is stuck: a
+        query that ran out of time is not tried again)."""
         deadline = time.monotonic() + self.retry_s
         delay = 0.05
         while True:
             try:
-                return await getattr(self.pool, how)(QUERIES[name], *args)
+                return await getattr(self.pool, how)(QUERIES[name], *args, timeout=timeout)
+            except TimeoutError as exc:
+                raise _translate(exc) from exc
             except _TRANSIENT as exc:
                 if time.monotonic() + delay > deadline:
                     raise _translate(exc) from exc
@@ -236,10 +242,20 @@ class Store:
     async def _fetchval(self, name: str, *args: Any) -> Any:
         return await self._read("fetchval", name, *args)
 
-    async def ping(self) -> bool:
+    async def ping(self, timeout_s: float = PING_TIMEOUT_S) -> bool:
+        """Whether the database answers a trivial query within `timeout_s`, said by then even if it is stuck.
+
+        A query cut short is cancelled in the background: its cancel waits on the database too.
+        """
+        task = asyncio.ensure_future(self._fetchval("ping"))
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return False
         try:
-            return bool(await asyncio.wait_for(self._fetchval("ping"), 2.0))
-        except (Unavailable, TimeoutError):
+            return bool(task.result())
+        except CoordinatorError:
             return False
 
     async def create_taskset(self, params: CreateTasksetParams, now: dt.datetime) -> int:
@@ -388,11 +404,13 @@ class Store:
         return {k: int(row[k]) for k in ("task_count", "passed_count", "pending_count", "failed_count")}
 
     async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        """Rows of a named read query (for the read API)."""
-        return await self._fetch(name, *args)
+        """Rows of a named read query (for the read API: `Unavailable` once it has taken READ_API_TIMEOUT_S)."""
+        rows: list[asyncpg.Record] = await self._read("fetch", name, *args, timeout=READ_API_TIMEOUT_S)
+        return rows
 
     async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
-        return await self._fetchrow(name, *args)
+        row: asyncpg.Record | None = await self._read("fetchrow", name, *args, timeout=READ_API_TIMEOUT_S)
+        return row
 
 
 async def _reserve_in(conn: Any, table: str, count: int) -> int:

@@ -9,13 +9,16 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
+import structlog
 from aiohttp import web
 
 from coordinator.transport import keys
 from coordinator.transport.rpc import Tokens, presented_token, too_slow
 from protocol.messages import Role, rsync_name_stem
+
+log = structlog.get_logger("testfleet.bundles")
 
 RSYNC_NAME: Final = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._@+-]{0,254}\Z")
 MAX_BUNDLE_BYTES: Final = 2 * 1024**3
@@ -23,30 +26,65 @@ CHUNK: Final = 256 * 1024
 
 
 class Bundles:
-    """Where bundles live on the coordinator's disk."""
+    """Where bundles live on the coordinator's disk.
+
+    Each upload is kept under its sha256 (`{stem}.d/{sha}.tar.gz`), and `{stem}.sha256` names the current
+    one: a reader takes the name, then opens that file, so bytes and ETag always agree, and publishing is
+    one atomic rename of the name. Older uploads are removed after (a reader that has one open still reads it
+    to its end).
+    """
 
     def __init__(self, directory: Path, max_bytes: int = MAX_BUNDLE_BYTES) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         directory.mkdir(parents=True, exist_ok=True)
 
-    def path(self, rsync_name: str) -> Path:
-        return self.directory / f"{rsync_name_stem(rsync_name)}.tar.gz"
+    def _kept(self, rsync_name: str) -> Path:
+        return self.directory / f"{rsync_name_stem(rsync_name)}.d"
+
+    def _marker(self, rsync_name: str) -> Path:
+        return self.directory / f"{rsync_name_stem(rsync_name)}.sha256"
+
+    def path(self, rsync_name: str, sha: str) -> Path:
+        """The file of one upload (or, for an upload kept before uploads were kept by sha, the old file)."""
+        kept = self._kept(rsync_name) / f"{sha}.tar.gz"
+        legacy = self.directory / f"{rsync_name_stem(rsync_name)}.tar.gz"
+        return legacy if not kept.exists() and legacy.exists() else kept
 
     def publish(self, rsync_name: str, upload: Path, sha: str) -> None:
-        """Make an upload the bundle of `rsync_name`: the file first, then the marker that names it."""
-        os.replace(upload, self.path(rsync_name))
-        stem = rsync_name_stem(rsync_name)
-        marker_tmp = self.directory / f".{stem}.sha256.part"
-        marker_tmp.write_text(sha)
-        os.replace(marker_tmp, self.directory / f"{stem}.sha256")
+        """Make an upload the bundle of `rsync_name`: kept under its sha first, then named current."""
+        kept = self._kept(rsync_name)
+        kept.mkdir(exist_ok=True)
+        os.replace(upload, kept / f"{sha}.tar.gz")
+        fd, marker_tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{rsync_name_stem(rsync_name)}.", suffix=".part")
+        with os.fdopen(fd, "w") as out:
+            out.write(sha)
+        os.replace(marker_tmp, self._marker(rsync_name))
+        for old in kept.iterdir():
+            if old.name != f"{sha}.tar.gz":
+                _remove(old)
+        _remove(self.directory / f"{rsync_name_stem(rsync_name)}.tar.gz")
 
     def sha256(self, rsync_name: str) -> str | None:
-        marker = self.directory / f"{rsync_name_stem(rsync_name)}.sha256"
         try:
-            return marker.read_text().strip() or None
+            return self._marker(rsync_name).read_text().strip() or None
         except FileNotFoundError:
             return None
+
+    def open(self, rsync_name: str) -> tuple[str, BinaryIO] | None:
+        """The current upload's sha and its file, open; `None` when there is none.
+
+        A publish between reading the name and opening its file removes that file: the name is read again.
+        """
+        for _ in range(3):
+            sha = self.sha256(rsync_name)
+            if sha is None:
+                return None
+            try:
+                return sha, self.path(rsync_name, sha).open("rb")
+            except FileNotFoundError:
+                continue
+        return None
 
 
 def _remove(path: Path) -> None:
@@ -97,10 +135,17 @@ async def put_bundle(request: web.Request) -> web.StreamResponse:
         if size == 0:
             return web.json_response({"error": "the bundle is empty"}, status=400)
         sha = digest.hexdigest()
-        await asyncio.to_thread(bundles.publish, name, tmp, sha)
+        # On the loop, not in a thread: a few renames and small writes, and no other publish can come between.
+        bundles.publish(name, tmp, sha)
         return web.json_response({"rsync_name": name, "sha256": sha, "bytes": size}, headers={"ETag": f'"{sha}"'})
     except TimeoutError:
         return await too_slow(request, f"the upload's bytes stopped coming for {timeout_s:g} s")
+    except web.RequestPayloadError:
+        return web.json_response({"error": "the upload could not be read: broken framing or encoding"}, status=400)
+    except ConnectionResetError:
+        # The uploader went away: nothing to answer, nothing kept.
+        log.info("bundle_upload_abandoned", rsync_name=name, received=size)
+        return web.Response(status=400)
     finally:
         _remove(tmp)  # on the loop, so that a cancelled upload leaves no part file behind
 
@@ -113,30 +158,34 @@ async def get_bundle(request: web.Request) -> web.StreamResponse:
     if name is None:
         return web.json_response({"error": "rsync_name must be a safe single path component"}, status=400)
     bundles: Bundles = request.app[keys.BUNDLES]
-    sha = await asyncio.to_thread(bundles.sha256, name)
-    path = bundles.path(name)
-    if sha is None:
-        return web.json_response({"error": f"no bundle for {name!r}"}, status=404)
-    etag = f'"{sha}"'
-    if request.headers.get("If-None-Match") == etag:
-        return web.Response(status=304, headers={"ETag": etag})
-    if request.method == "HEAD":
-        size = (await asyncio.to_thread(path.stat)).st_size
-        return web.Response(headers={"ETag": etag, "Content-Length": str(size)})
     # Opened and closed on the loop (each takes microseconds): a file handed between threads is lost when
     # the handler is cancelled while a thread opens it, or before a queued close has run.
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
+    found = bundles.open(name)
+    if found is None:
         return web.json_response({"error": f"no bundle for {name!r}"}, status=404)
+    sha, handle = found
     with handle:
+        etag = f'"{sha}"'
+        if _matches(request.headers.get("If-None-Match"), sha):
+            return web.Response(status=304, headers={"ETag": etag})
+        size = os.fstat(handle.fileno()).st_size
+        if request.method == "HEAD":
+            return web.Response(headers={"ETag": etag, "Content-Length": str(size)})
         response = web.StreamResponse(headers={"ETag": etag, "Content-Type": "application/gzip"})
-        response.content_length = os.fstat(handle.fileno()).st_size
+        response.content_length = size
         await response.prepare(request)
         while chunk := await asyncio.to_thread(handle.read, CHUNK):
             await response.write(chunk)
         await response.write_eof()
         return response
+
+
+def _matches(if_none_match: str | None, sha: str) -> bool:
+    """Whether an If-None-Match header names this bundle: `*`, or a list of tags, weak or strong."""
+    if if_none_match is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return any(tag in ("*", f'"{sha}"') for tag in tags)
 
 
 def add_routes(app: web.Application) -> None:

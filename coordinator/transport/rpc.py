@@ -40,12 +40,14 @@ class Tokens:
 
     def roles_for(self, presented: str | None) -> frozenset[Role]:
         roles: set[Role] = set()
+        # Bytes of a header that are not UTF-8 come as lone surrogates: encoded as they are, they match no token.
+        given = None if presented is None else presented.encode(errors="surrogatepass")
         for token, grants in (
             (self.viewer, {Role.VIEWER}),
             (self.client, {Role.CLIENT, Role.VIEWER}),
             (self.worker, {Role.WORKER, Role.VIEWER}),
         ):
-            if token is None or (presented is not None and hmac.compare_digest(token.encode(), presented.encode())):
+            if token is None or (given is not None and hmac.compare_digest(token.encode(), given)):
                 roles |= grants
         return frozenset(roles)
 
@@ -265,7 +267,8 @@ async def rpc_view(request: web.Request) -> web.StreamResponse:
                 if not chunk:
                     break
                 received += chunk
-    except aiohttp.ClientPayloadError:
+    except (web.RequestPayloadError, aiohttp.ClientPayloadError):
+        # Its framing or content encoding is broken (a body said to be gzip that is not, say).
         return web.json_response({"error": "the body could not be read"}, status=400)
     except TimeoutError:
         return await too_slow(request, f"the body did not arrive within {timeout_s:g} s")

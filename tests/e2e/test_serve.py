@@ -264,6 +264,27 @@ def test_library_warnings_are_log_lines_like_the_coordinators_own() -> None:
     assert record["event"] == "Failed to restore the pool" and "ZeroDivisionError" in record["exception"]
 
 
+def test_a_request_the_server_cannot_read_is_one_warning_line() -> None:
+    """A malformed request was an error with a traceback: any outsider could fill the log with them."""
+    script = (
+        "import logging\n"
+        "from aiohttp.http_exceptions import BadStatusLine\n"
+        "from protocol.logs import configure_logging\n"
+        "configure_logging('info')\n"
+        "for error in (BadStatusLine(b'\\x16\\x03'), ConnectionResetError('reset by peer'), ValueError('ours')):\n"
+        "    try:\n"
+        "        raise error\n"
+        "    except Exception as exc:\n"
+        "        logging.getLogger('aiohttp.server').exception('Error handling request from %s', '127.0.0.1')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    bad, reset, ours = (json.loads(line) for line in done.stderr.splitlines())
+    for record, name in ((bad, "BadStatusLine"), (reset, "ConnectionResetError")):
+        assert record["level"] == "warning" and "exception" not in record
+        assert record["event"].startswith(f"Error handling request from 127.0.0.1: {name}"), record
+    assert ours["level"] == "error" and "ValueError: ours" in ours["exception"]  # a fault of ours keeps its trace
+
+
 def test_the_worker_logs_library_records_as_its_own_lines_too() -> None:
     """The worker's libraries (the WebSocket client, say) wrote bare text among its JSON lines."""
     script = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -322,7 +323,82 @@ async def test_a_cut_off_download_or_upload_leaves_no_file_behind(database_url: 
                 break
             await asyncio.sleep(0.05)
         assert list(bundles.glob(".cut.*")) == [] and open_files_under(bundles) == []
-        assert sorted(p.name for p in bundles.iterdir()) == ["big.sha256", "big.tar.gz"]
+        assert sorted(p.name for p in bundles.iterdir()) == ["big.d", "big.sha256"]
+        assert [p.name for p in (bundles / "big.d").iterdir()] == [f"{hashlib.sha256(body).hexdigest()}.tar.gz"]
+
+
+async def test_a_bundle_read_while_others_are_uploaded_matches_its_etag(database_url: str, tmp_path: Path) -> None:
+    """Uploads of one rsync_name racing each other and its readers: every read's bytes have the sha of its
+    ETag (before, the file and the name of its sha were replaced one after the other, and two uploads could
+    interleave: bytes of one under the sha of the other, for good)."""
+    tokens = Tokens(client="c", worker="w")
+    bodies = [os.urandom(256 * 1024) for _ in range(3)]
+    shas = {hashlib.sha256(b).hexdigest() for b in bodies}
+    async with running_coordinator(database_url, tmp_path, tokens=tokens) as h:
+        url = h.server.make_url("/api/v1/bundles/race")
+
+        async def put(body: bytes) -> int:
+            async with h.session.put(url, data=body, headers={"Authorization": "Bearer c"}) as resp:
+                return resp.status
+
+        async def get() -> tuple[int, str | None, bytes]:
+            async with h.session.get(url, headers={"Authorization": "Bearer w"}) as resp:
+                return resp.status, resp.headers.get("ETag"), await resp.read()
+
+        for _ in range(15):
+            results = await asyncio.gather(*(put(b) for b in bodies), *(get() for _ in range(4)))
+            assert results[:3] == [200, 200, 200]
+            for status, etag, data in results[3:]:  # type: ignore[misc]
+                assert status in (200, 404)
+                if status == 200:
+                    assert etag == f'"{hashlib.sha256(data).hexdigest()}"'
+            status, etag, data = await get()
+            assert status == 200 and etag == f'"{hashlib.sha256(data).hexdigest()}"' and etag.strip('"') in shas
+        kept = list((tmp_path / "bundles" / "race.d").iterdir())
+        assert [p.name for p in kept] == [f"{etag.strip(chr(34))}.tar.gz"], "older uploads are removed"
+        assert not list((tmp_path / "bundles").glob(".*")), "no part file is left"
+        sha = etag.strip('"')
+        for header, status in (
+            (f'"{sha}"', 304),
+            (f'W/"{sha}"', 304),
+            (f'"other", "{sha}"', 304),
+            ("*", 304),
+            ('"other"', 200),
+        ):
+            headers = {"Authorization": "Bearer w", "If-None-Match": header}
+            async with h.session.get(url, headers=headers) as resp:
+                assert resp.status == status, header
+
+
+async def test_broken_bodies_and_tokens_are_client_errors(database_url: str, tmp_path: Path) -> None:
+    """A token with bytes that are not UTF-8 is a wrong token (it was a 500), and a body said to be gzip that
+    is not is a 400 (it was a 500), on /rpc and on an upload."""
+    tokens = Tokens(client="c", worker="w", viewer="v")
+    async with running_coordinator(database_url, tmp_path, tokens=tokens) as h:
+        host, port = h.server.host, h.server.port
+        for method, path, body in (
+            ("GET", "/api/v1/tasksets", b""),
+            ("POST", "/rpc", b'{"jsonrpc": "2.0", "id": 1, "method": "active_tasksets", "params": []}'),
+            ("PUT", "/api/v1/bundles/x", b"x"),
+        ):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n".encode()
+                + b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+                + body
+            )
+            reply = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            status = reply.split(b"\r\n", 1)[0]
+            assert b" 401 " in status or (path == "/rpc" and b" 200 " in status and b"-32001" in reply), reply
+        not_gzip = {"Content-Encoding": "gzip", "Authorization": "Bearer c"}
+        async with h.session.post(h.server.make_url("/rpc"), data=b"not gzip at all", headers=not_gzip) as resp:
+            assert resp.status == 400 and "could not be read" in (await resp.json())["error"]
+        async with h.session.put(
+            h.server.make_url("/api/v1/bundles/x"), data=b"not gzip at all", headers=not_gzip
+        ) as resp:
+            assert resp.status == 400 and "could not be read" in (await resp.json())["error"]
+        assert not list((tmp_path / "bundles").glob(".*"))
 
 
 async def test_rpc_reads_a_large_body_to_its_end(database_url: str, tmp_path: Path) -> None:
