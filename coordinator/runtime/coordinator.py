@@ -56,6 +56,9 @@ class RuntimeSettings:
     missed_heartbeats: int = 3
     output_limit: int = 4 * 1024 * 1024
     dequeue_poll_s: float = 1.0
+    assign_timeout_s: float = 30.0
+    """A worker that has not answered `assign_taskset` this long after the push is cut off (it answers at once
+    when it works at all), so that its place goes to another worker."""
     request_timeout_s: float = 30.0
     """How long an HTTP request's headers, or an upload's next bytes, may take to arrive (see `serve`)."""
 
@@ -74,7 +77,12 @@ class Coordinator:
         self._slave_conns: dict[int, Connection] = {}
         """Each bound slave's connection: the latest one to bind it."""
         self._background: set[asyncio.Task[Any]] = set()
-        self.workers = Workers(self, heartbeat_s=self.settings.heartbeat_s, missed=self.settings.missed_heartbeats)
+        self.workers = Workers(
+            self,
+            heartbeat_s=self.settings.heartbeat_s,
+            missed=self.settings.missed_heartbeats,
+            assign_timeout_s=self.settings.assign_timeout_s,
+        )
         self.handlers: dict[str, Handler] = {
             "listen_to_global": self.listen_to_global,
             "listen_to_taskset": self.listen_to_taskset,

@@ -34,6 +34,9 @@ class Worker:
     assigning: int | None = None
     """A taskset pushed to it whose `assign_taskset` is not answered yet."""
     queried: bool = False
+    querying: bool = False
+    """Its answer to `query_taskset` is still coming: it is offered nothing until then (the answer may say it
+    runs a taskset already)."""
     refused: bool = False
     """It refused our last push (busy, it said): offered nothing more until its next `current_taskset`."""
 
@@ -48,8 +51,11 @@ class _Taskset:
 class Workers:
     """Who is connected, who is free, and which worker runs which taskset."""
 
-    def __init__(self, coordinator: Coordinator, *, heartbeat_s: float, missed: int) -> None:
+    def __init__(
+        self, coordinator: Coordinator, *, heartbeat_s: float, missed: int, assign_timeout_s: float = 30.0
+    ) -> None:
         self.coordinator = coordinator
+        self.assign_timeout_s = assign_timeout_s
         self.by_name: dict[str, Worker] = {}
         self.tasksets: dict[int, _Taskset] = {}
         self.expiry_s = heartbeat_s * missed
@@ -103,7 +109,7 @@ class Workers:
             return  # its answer to our push is still coming; this heartbeat predates it
         self._set_taskset(worker, taskset_id)
         if not worker.queried:
-            worker.queried = True
+            worker.queried = worker.querying = True
             self.coordinator.spawn(self._query(worker), f"query-taskset-{name}")
         self.rebalance()
 
@@ -150,22 +156,31 @@ class Workers:
                 self._drop(worker)  # free, or its taskset is over: no place to keep
 
     async def _query(self, worker: Worker) -> None:
-        """On registration, ask the worker itself what it runs: its answer wins over its claim."""
+        """On registration, ask the worker itself what it runs: its answer wins over its claim. Nothing is
+        pushed to it meanwhile (a push would be refused by a worker that runs a taskset, and its answer lost)."""
+        try:
+            answered, taskset_id = await self._ask_taskset(worker)
+        finally:
+            worker.querying = False
+        if answered and self.by_name.get(worker.name) is worker and worker.taskset_id != taskset_id:
+            log.info("worker_corrected", worker=worker.name, said=worker.taskset_id, runs=taskset_id)
+            self._set_taskset(worker, taskset_id)
+        self.rebalance()
+
+    @staticmethod
+    async def _ask_taskset(worker: Worker) -> tuple[bool, int | None]:
+        """Whether the worker gave a usable answer, and the id of the taskset it says it runs (`None`: none)."""
         try:
             response = await worker.conn.request("query_taskset", m.NoParams(), timeout=10)
         except (ConnectionGone, TimeoutError):
-            return
+            return False, None
         if response.error is not None:
-            return
+            return False, None
         try:
             ref = decode_result(m.WORKER_METHODS["query_taskset"], response.result, worker.conn.codec)
         except Exception:
-            return
-        taskset_id = None if ref is None else ref.id
-        if worker.assigning is None and self.by_name.get(worker.name) is worker and worker.taskset_id != taskset_id:
-            log.info("worker_corrected", worker=worker.name, said=worker.taskset_id, runs=taskset_id)
-            self._set_taskset(worker, taskset_id)
-            self.rebalance()
+            return False, None
+        return True, None if ref is None else ref.id
 
     # -- tasksets ----------------------------------------------------------------
 
@@ -198,7 +213,7 @@ class Workers:
         free = {
             w.name: w.worker_type
             for w in self.by_name.values()
-            if w.taskset_id is None and w.assigning is None and not w.refused and not w.conn.closed
+            if w.taskset_id is None and w.assigning is None and not w.refused and not w.querying and not w.conn.closed
         }
         if not free or not self.tasksets:
             return
@@ -218,12 +233,17 @@ class Workers:
                 params = m.AssignTasksetParams(
                     TasksetRef(taskset_id), model.rsync_name, model.setup_command, model.slave_command, model.max_trials
                 )
-                response = await worker.conn.request("assign_taskset", params, timeout=30)
+                response = await worker.conn.request("assign_taskset", params, timeout=self.assign_timeout_s)
                 accepted = response.error is None
                 if not accepted:
                     log.info("assign_refused", worker=worker.name, taskset_id=taskset_id, error=str(response.error))
                     worker.refused = True
-        except (ConnectionGone, TimeoutError):
+        except TimeoutError:
+            # A worker answers at once when it works at all: this one holds the place for nothing, and would be
+            # chosen again. Cut off, it frees the place (and a late "yes" cannot come on this connection).
+            log.warning("worker_unresponsive", worker=worker.name, taskset_id=taskset_id)
+            worker.conn.close(1008, f"no answer to assign_taskset within {self.assign_timeout_s:g} s")
+        except ConnectionGone:
             pass
         finally:
             worker.assigning = None

@@ -179,6 +179,58 @@ async def test_query_taskset_answer_wins_over_claim(database_url: str, tmp_path:
         await w.answer(request, None)
 
 
+async def test_a_worker_that_never_answers_a_push_is_cut_off_and_another_gets_the_taskset(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A worker that heartbeats but never answers `assign_taskset` held the place for good: the push timed out,
+    it was chosen again every time, and a free worker never got the taskset (nor could a late "yes" make two
+    workers of one place, since it comes on no connection now)."""
+    settings = RuntimeSettings(assign_timeout_s=1.0)
+    async with running_coordinator(database_url, tmp_path, settings=settings) as h, h.client() as silent:
+        await register(silent, "a-silent")
+        await silent.answer(await silent.next_request("query_taskset"), None)
+        ref = await new_taskset(h, [task("a.py")], max_workers=1)
+        pushed = await silent.next_request("assign_taskset")  # never answered
+        assert pushed["params"][0] == ref
+        async with h.client() as healthy:
+            await register(healthy, "b-healthy")
+            started = time.monotonic()
+            request = await healthy.next_request("assign_taskset", timeout=10)
+            assert request["params"][0] == ref and time.monotonic() - started < 5
+            await healthy.answer(request, None)
+            assert silent.reader is not None
+            await asyncio.wait_for(silent.reader, 5)  # its connection was closed
+            assert silent.ws.close_code == 1008
+            assert await h.call("active_workers") == [["b-healthy", "default", ref]]
+
+
+async def test_a_worker_is_pushed_nothing_until_it_says_what_it_runs(database_url: str, tmp_path: Path) -> None:
+    """A taskset waiting for a worker was pushed to a registering one before its `query_taskset` answer came:
+    the worker, busy with another taskset, refused, and its answer was dropped, so that other taskset got a
+    second worker beyond its `max_workers`."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as w, h.client() as spare:
+        runs = await new_taskset(h, [task("a.py")], rsync_name="runs", max_workers=1)
+        waiting = await new_taskset(h, [task("a.py")], rsync_name="waits", max_workers=1)
+        await register(w, "w")  # it says it is free, but its answer below says it runs `runs`
+        query = await asyncio.wait_for(w.requests.get(), 5)
+        assert query["method"] == "query_taskset"
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(w.requests.get(), 0.5)  # no push before the answer
+        await w.answer(query, runs)
+        for _ in range(100):
+            if await h.call("active_workers") == [["w", "default", runs]]:
+                break
+            await asyncio.sleep(0.05)
+        assert await h.call("active_workers") == [["w", "default", runs]]
+        await register(spare, "spare")
+        request = await spare.next_request("assign_taskset")
+        assert request["params"][0] == waiting  # not `runs`: its one place is w's
+        await spare.answer(request, None)
+        assert await h.call("active_workers") == [["spare", "default", waiting], ["w", "default", runs]]
+        with pytest.raises(TimeoutError):
+            await w.next_request("assign_taskset", timeout=0.5)
+
+
 async def test_a_second_worker_with_the_same_name_takes_it_and_the_first_stops(
     database_url: str, tmp_path: Path
 ) -> None:
