@@ -234,6 +234,18 @@ async def test_read_api_and_errors(database_url: str, tmp_path: Path) -> None:
             text = await resp.text()
         for name in ("testfleet_rpc_seconds", "testfleet_commit_seconds", "testfleet_connections"):
             assert name in text
+        # A role whose last connection closed reads 0 (it kept its last count: "no workers" never showed).
+        async with h.client() as w:
+            await w.call("current_taskset", "w1", "default", None)
+            async with h.session.get(h.server.make_url("/metrics")) as resp:
+                assert 'testfleet_connections{role="worker"} 1.0' in await resp.text()
+        for _ in range(100):
+            async with h.session.get(h.server.make_url("/metrics")) as resp:
+                text = await resp.text()
+            if 'testfleet_connections{role="worker"} 0.0' in text:
+                break
+            await asyncio.sleep(0.05)
+        assert 'testfleet_connections{role="worker"} 0.0' in text
 
 
 async def test_bundles_round_trip(database_url: str, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import pytest
 from coordinator.store.embedded import PGDATA_DIRNAME, DataDirBusy, DataDirRefused, EmbeddedPostgres
 from coordinator.store.migrate import AppliedMigrationChanged, load_migrations, migrate
 from coordinator.store.pool import Pool, check, create_pool
+from coordinator.store.store import Store
 
 SCHEMA_TABLES = {"tasksets", "tasks", "slaves", "trials", "worker_logs", "spec_samples", "schema_migrations"}
 
@@ -261,3 +262,31 @@ def test_a_failed_look_at_the_postmaster_is_no_sign_it_died() -> None:
     assert _alive(Unreadable()) is True
     assert _alive(Gone()) is False
     assert _alive(psutil.Process()) is True
+
+
+async def test_a_stuck_database_is_told_within_the_ping_timeout(scratch_dir: Path) -> None:
+    """With every process of the server stopped (SIGSTOP), `/healthz` waited as long as the stop: the ping's
+    cancel itself waits on the database. It now says "no" when its time is up and cancels in the background."""
+    server = EmbeddedPostgres()
+    dsn = await asyncio.to_thread(server.start, scratch_dir / "data")
+    pool = await create_pool(dsn, min_size=1, max_size=2)
+    store = Store(pool)
+    postmaster = server.postmaster_pid
+    assert postmaster is not None
+    stopped = [postmaster, *(p.pid for p in psutil.Process(postmaster).children(recursive=True))]
+    try:
+        assert await store.ping()
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        assert await store.ping(timeout_s=0.5) is False
+        assert time.monotonic() - started < 2.0
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    try:
+        assert await store.ping()
+    finally:
+        await pool.close()
+        await asyncio.to_thread(server.stop)
