@@ -382,6 +382,27 @@ async def test_a_bundle_read_while_others_are_uploaded_matches_its_etag(database
                 assert resp.status == status, header
 
 
+async def test_a_bundle_kept_in_the_older_layout_is_served_until_the_next_upload(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A data directory from before bundles were kept by sha: its bundle is still served, then replaced."""
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    old = b"old bundle bytes"
+    (bundles / "dev1.tar.gz").write_bytes(old)
+    (bundles / "dev1.sha256").write_text(hashlib.sha256(old).hexdigest())
+    async with running_coordinator(database_url, tmp_path) as h:
+        url = h.server.make_url("/api/v1/bundles/dev1")
+        async with h.session.get(url) as resp:
+            assert resp.status == 200 and await resp.read() == old
+            assert resp.headers["ETag"] == f'"{hashlib.sha256(old).hexdigest()}"'
+        async with h.session.put(url, data=b"new bundle bytes") as resp:
+            assert resp.status == 200
+        async with h.session.get(url) as resp:
+            assert await resp.read() == b"new bundle bytes"
+        assert sorted(p.name for p in bundles.iterdir()) == ["dev1.d", "dev1.sha256"]
+
+
 async def test_broken_bodies_and_tokens_are_client_errors(database_url: str, tmp_path: Path) -> None:
     """A token with bytes that are not UTF-8 is a wrong token (it was a 500), and a body said to be gzip that
     is not is a 400 (it was a 500), on /rpc and on an upload."""
