@@ -412,6 +412,9 @@ class Store:
         row: asyncpg.Record | None = await self._read("fetchrow", name, *args, timeout=READ_API_TIMEOUT_S)
         return row
 
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        return await self._read("fetchval", name, *args, timeout=READ_API_TIMEOUT_S)
+
 
 async def _reserve_in(conn: Any, table: str, count: int) -> int:
     """A run of `count` consecutive ids of `table`, reserved inside the caller's transaction."""

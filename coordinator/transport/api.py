@@ -31,16 +31,6 @@ TASKSET_FIELDS: Final = (
     "finished_at",
 )
 COUNT_FIELDS: Final = ("task_count", "passed_count", "pending_count", "failed_count")
-TASK_FIELDS: Final = (
-    "id",
-    "taskset_id",
-    "spec_path",
-    "spec_sha1",
-    "hard_timeout_sec",
-    "soft_timeout_sec",
-    "status",
-    "trial_count",
-)
 TRIAL_FIELDS: Final = (
     "id",
     "task_id",
@@ -178,15 +168,9 @@ async def taskset_tasks(request: web.Request) -> web.StreamResponse:
     store = _coordinator(request).store
     if taskset_id is None or await store.fetchrow("get_taskset", taskset_id) is None:
         return not_found(f"no taskset {request.match_info['id']}")
-    trials: dict[int, list[dict[str, Any]]] = {}
-    for row in await store.fetch("trials_of_taskset", taskset_id):
-        trials.setdefault(row["task_id"], []).append(record(row, TRIAL_FIELDS))
-    tasks = []
-    for row in await store.fetch("tasks_of_taskset", taskset_id):
-        task = record(row, TASK_FIELDS)
-        task["trials"] = trials.get(row["id"], [])
-        tasks.append(task)
-    return json_body({"tasks": tasks})
+    # Built as JSON by the database: a taskset of 100,000 tasks took half a second of the event loop here.
+    body: str = await store.fetchval("tasks_json_of_taskset", taskset_id)
+    return web.Response(body=body.encode(), content_type="application/json", charset="utf-8")
 
 
 @viewer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import io
 import json
@@ -15,7 +16,9 @@ import msgspec
 import pytest
 from yarl import URL
 
+from coordinator.transport import keys
 from coordinator.transport.rpc import Tokens
+from protocol.types import format_timestamp
 from tests.integration.coord import RpcError, new_taskset, running_coordinator, task
 
 
@@ -380,6 +383,46 @@ async def test_a_bundle_read_while_others_are_uploaded_matches_its_etag(database
             headers = {"Authorization": "Bearer w", "If-None-Match": header}
             async with h.session.get(url, headers=headers) as resp:
                 assert resp.status == status, header
+
+
+async def test_a_tasksets_tasks_built_by_the_database_are_the_records_of_its_rows(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`/tasks` is JSON written by Postgres: the same records, value for value, as the rows read one by one."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        paths = ["tests/test_done.py", "tests/test_running.py", "tests/test_created.py", 'tests/test_\u00e9"q.py']
+        ref = await new_taskset(h, [task(p) for p in paths], max_trials=2)
+        slave = await c.call("create_slave", "s1", ref)
+        for state in ("finished", "failed-then-running", "created"):
+            item = await c.call("dequeue_task", ref)
+            trial = await c.call("create_trial", item[0], slave)
+            if state == "created":
+                continue
+            await c.call("start_trial", trial)
+            await c.call("finish_trial", trial, "failed" if state != "finished" else "passed", "o", "e", 1, 0, 2)
+            if state == "failed-then-running":  # its retry, queued again at the head, runs now
+                await c.call("start_trial", await c.call("create_trial", item[0], slave))
+        status, body = await h.get(f"/api/v1/tasksets/{ref[1]}/tasks")
+        assert status == 200
+        store = h.server.app[keys.COORDINATOR].store
+        trials: dict[int, list[dict[str, object]]] = {}
+        for row in await store.fetch("trials_of_taskset", ref[1]):
+            trials.setdefault(row["task_id"], []).append(
+                {k: format_timestamp(v) if isinstance(v, dt.datetime) else v for k, v in row.items()}
+            )
+        expected = [
+            {
+                **{k: v for k, v in row.items() if k != "position"},
+                "trials": trials.get(row["id"], []),
+            }
+            for row in await store.fetch("tasks_of_taskset", ref[1])
+        ]
+        assert body == {"tasks": expected}
+        assert [len(t["trials"]) for t in body["tasks"]] == [1, 2, 1, 0]
+        assert body["tasks"][1]["trials"][1]["finished_at"] is None
+        assert body["tasks"][0]["trials"][0]["finished_at"].endswith("Z")
+        empty = await new_taskset(h, [], rsync_name="empty")
+        assert (await h.get(f"/api/v1/tasksets/{empty[1]}/tasks")) == (200, {"tasks": []})
 
 
 async def test_a_bundle_kept_in_the_older_layout_is_served_until_the_next_upload(
