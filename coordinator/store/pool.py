@@ -1,4 +1,4 @@
-"""The asyncpg connection pool every store query goes through, and the database health check.
+"""The asyncpg connection pool every store query goes through (the health check is `Store.ping`).
 
 Released connections keep their session state: the pool sends no reset query on release (asyncpg
 still rolls back a transaction left open). That saves a round trip per acquire, and it means code
@@ -8,7 +8,6 @@ locks, and undo any ``LISTEN`` or session-level lock before releasing.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
@@ -26,7 +25,6 @@ else:
 COMMAND_TIMEOUT_S = 30.0
 # Prepared statements kept per connection: the named queries with room to spare.
 STATEMENT_CACHE_SIZE = 512
-HEALTH_CHECK_TIMEOUT_S = 2.0
 APPLICATION_NAME = "testfleet"
 
 
@@ -45,12 +43,3 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 16) -> Poo
         reset=_keep_session,
         server_settings={"application_name": APPLICATION_NAME},
     )
-
-
-async def check(pool: Pool, *, timeout_s: float = HEALTH_CHECK_TIMEOUT_S) -> bool:
-    """Whether the database answers a trivial query within timeout_s (waiting for a free connection included)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            return bool(await pool.fetchval("SELECT 1") == 1)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return False

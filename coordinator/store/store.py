@@ -9,8 +9,8 @@ import importlib.resources
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
 
 import asyncpg
 import msgspec
@@ -29,6 +29,7 @@ from coordinator.core.taskset import (
 from protocol.messages import CreateTasksetParams
 from protocol.types import SlaveStatus, TasksetStatus, TaskStatus, TrialStatus
 
+T = TypeVar("T")
 _QUERY_RE: Final = re.compile(r"^-- name: (\w+)\n--[^\n]*\n(.*?)(?=^-- name: |\Z)", re.S | re.M)
 
 # The hot path's write kinds, in the order `testfleet_commit_trials` applies them, with whether a later row
@@ -122,6 +123,8 @@ class Store:
         self._ids = IdBlocks()
         self._slots = asyncio.Semaphore(parallel_commits)
         self._observe = observe_commit
+        self._abandoned: set[asyncio.Future[Any]] = set()
+        """Reads given up on (see `_bounded`), kept until they end."""
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -213,14 +216,14 @@ class Store:
 
     # -- plain queries -------------------------------------------------------------
 
-    async def _read(self, how: str, name: str, *args: Any, timeout: float | None = None) -> Any:
+    async def _read(self, how: str, name: str, *args: Any) -> Any:
         """A read query, tried again for a while when the database is unreachable (not when it is stuck: a
         query that ran out of time is not tried again)."""
         deadline = time.monotonic() + self.retry_s
         delay = 0.05
         while True:
             try:
-                return await getattr(self.pool, how)(QUERIES[name], *args, timeout=timeout)
+                return await getattr(self.pool, how)(QUERIES[name], *args)
             except TimeoutError as exc:
                 raise _translate(exc) from exc
             except _TRANSIENT as exc:
@@ -242,19 +245,26 @@ class Store:
     async def _fetchval(self, name: str, *args: Any) -> Any:
         return await self._read("fetchval", name, *args)
 
-    async def ping(self, timeout_s: float = PING_TIMEOUT_S) -> bool:
-        """Whether the database answers a trivial query within `timeout_s`, said by then even if it is stuck.
+    async def _bounded(self, call: Awaitable[T], timeout_s: float) -> T:
+        """`call`'s result, or `Unavailable` once `timeout_s` have passed, even if the database is stuck.
 
-        A query cut short is cancelled in the background: its cancel waits on the database too.
+        A statement's own timeout bounds it only while it runs: taking a connection (opening one) and giving it
+        back after a cancel wait on the database too. So the call is left to end in the background instead.
         """
-        task = asyncio.ensure_future(self._fetchval("ping"))
+        task = asyncio.ensure_future(call)
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
-        if not done:
-            task.cancel()
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            return False
+        if done:
+            return task.result()
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise Unavailable(f"the database has not answered within {timeout_s:g} s")
+
+    async def ping(self, timeout_s: float = PING_TIMEOUT_S) -> bool:
+        """Whether the database answers a trivial query within `timeout_s`, said by then even if it is stuck."""
         try:
-            return bool(task.result())
+            return bool(await self._bounded(self._fetchval("ping"), timeout_s))
         except CoordinatorError:
             return False
 
@@ -405,15 +415,15 @@ class Store:
 
     async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
         """Rows of a named read query (for the read API: `Unavailable` once it has taken READ_API_TIMEOUT_S)."""
-        rows: list[asyncpg.Record] = await self._read("fetch", name, *args, timeout=READ_API_TIMEOUT_S)
+        rows: list[asyncpg.Record] = await self._bounded(self._read("fetch", name, *args), READ_API_TIMEOUT_S)
         return rows
 
     async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await self._read("fetchrow", name, *args, timeout=READ_API_TIMEOUT_S)
+        row: asyncpg.Record | None = await self._bounded(self._read("fetchrow", name, *args), READ_API_TIMEOUT_S)
         return row
 
     async def fetchval(self, name: str, *args: Any) -> Any:
-        return await self._read("fetchval", name, *args, timeout=READ_API_TIMEOUT_S)
+        return await self._bounded(self._read("fetchval", name, *args), READ_API_TIMEOUT_S)
 
 
 async def _reserve_in(conn: Any, table: str, count: int) -> int:
