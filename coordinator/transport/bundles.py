@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -30,13 +32,14 @@ class Bundles:
 
     Each upload is kept under its sha256 (`{stem}.d/{sha}.tar.gz`), and `{stem}.sha256` names the current
     one: a reader takes the name, then opens that file, so bytes and ETag always agree, and publishing is
-    one atomic rename of the name. Older uploads are removed after (a reader that has one open still reads it
-    to its end).
+    one atomic rename of the name, made only once the upload is on disk. Publishes of one rsync_name take
+    turns; older uploads are removed after (a reader that has one open still reads it to its end).
     """
 
     def __init__(self, directory: Path, max_bytes: int = MAX_BUNDLE_BYTES) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self._locks: dict[str, threading.Lock] = {}
         directory.mkdir(parents=True, exist_ok=True)
 
     def _kept(self, rsync_name: str) -> Path:
@@ -51,19 +54,33 @@ class Bundles:
         legacy = self.directory / f"{rsync_name_stem(rsync_name)}.tar.gz"
         return legacy if not kept.exists() and legacy.exists() else kept
 
-    def publish(self, rsync_name: str, upload: Path, sha: str) -> None:
-        """Make an upload the bundle of `rsync_name`: kept under its sha first, then named current."""
-        kept = self._kept(rsync_name)
-        kept.mkdir(exist_ok=True)
-        os.replace(upload, kept / f"{sha}.tar.gz")
-        fd, marker_tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{rsync_name_stem(rsync_name)}.", suffix=".part")
-        with os.fdopen(fd, "w") as out:
-            out.write(sha)
-        os.replace(marker_tmp, self._marker(rsync_name))
-        for old in kept.iterdir():
-            if old.name != f"{sha}.tar.gz":
-                _remove(old)
-        _remove(self.directory / f"{rsync_name_stem(rsync_name)}.tar.gz")
+    def lock(self, rsync_name: str) -> threading.Lock:
+        """The lock its publishes take (made on the event loop's thread, so there is one a name)."""
+        return self._locks.setdefault(rsync_name_stem(rsync_name), threading.Lock())
+
+    def publish(self, rsync_name: str, upload: Path, sha: str, lock: threading.Lock) -> None:
+        """(In a thread.) Make an upload, already on disk, the bundle of `rsync_name`: kept under its sha,
+        then named current, then the older ones removed."""
+        stem = rsync_name_stem(rsync_name)
+        with lock:
+            kept = self._kept(rsync_name)
+            kept.mkdir(exist_ok=True)
+            os.replace(upload, kept / f"{sha}.tar.gz")
+            _sync_directory(kept)
+            fd, marker_tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{stem}.", suffix=".part")
+            try:
+                with os.fdopen(fd, "w") as out:
+                    out.write(sha)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(marker_tmp, self._marker(rsync_name))
+            finally:
+                _remove(Path(marker_tmp))
+            _sync_directory(self.directory)
+            for old in kept.iterdir():
+                if old.name != f"{sha}.tar.gz":
+                    _remove(old)
+            _remove(self.directory / f"{stem}.tar.gz")
 
     def sha256(self, rsync_name: str) -> str | None:
         try:
@@ -74,7 +91,8 @@ class Bundles:
     def open(self, rsync_name: str) -> tuple[str, BinaryIO] | None:
         """The current upload's sha and its file, open; `None` when there is none.
 
-        A publish between reading the name and opening its file removes that file: the name is read again.
+        A publish (in its thread) between reading the name and opening the file may have removed that file:
+        the name is read again.
         """
         for _ in range(3):
             sha = self.sha256(rsync_name)
@@ -85,6 +103,20 @@ class Bundles:
             except FileNotFoundError:
                 continue
         return None
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the names in `directory` durable (a rename is not, until its directory is synced)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flush_to_disk(out: BinaryIO) -> None:
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def _remove(path: Path) -> None:
@@ -132,11 +164,12 @@ async def put_bundle(request: web.Request) -> web.StreamResponse:
                     stalled.reschedule(None)  # the disk's time is not the peer's
                     await asyncio.to_thread(out.write, chunk)
                     stalled.reschedule(loop.time() + timeout_s)
-        if size == 0:
-            return web.json_response({"error": "the bundle is empty"}, status=400)
+            if size == 0:
+                return web.json_response({"error": "the bundle is empty"}, status=400)
+            # On disk before it is named current: after a crash the name never points at a file cut short.
+            await asyncio.to_thread(_flush_to_disk, out)
         sha = digest.hexdigest()
-        # On the loop, not in a thread: a few renames and small writes, and no other publish can come between.
-        bundles.publish(name, tmp, sha)
+        await asyncio.to_thread(bundles.publish, name, tmp, sha, bundles.lock(name))
         return web.json_response({"rsync_name": name, "sha256": sha, "bytes": size}, headers={"ETag": f'"{sha}"'})
     except TimeoutError:
         return await too_slow(request, f"the upload's bytes stopped coming for {timeout_s:g} s")
@@ -146,6 +179,11 @@ async def put_bundle(request: web.Request) -> web.StreamResponse:
         # The uploader went away: nothing to answer, nothing kept.
         log.info("bundle_upload_abandoned", rsync_name=name, received=size)
         return web.Response(status=400)
+    except OSError as exc:
+        # The coordinator's disk (full, say): the bundle it had stays current.
+        log.error("bundle_not_stored", rsync_name=name, error=str(exc))
+        status = 507 if exc.errno == errno.ENOSPC else 500
+        return web.json_response({"error": f"the bundle could not be stored: {exc.strerror or exc}"}, status=status)
     finally:
         _remove(tmp)  # on the loop, so that a cancelled upload leaves no part file behind
 
