@@ -45,9 +45,9 @@ DEFAULT_OUTPUT_LIMIT: Final = 4 * 1024 * 1024
 # The store indexes spec paths with the taskset class (up to 255 characters): an index entry holds at most
 # 2,704 bytes, so a path may take 1,024.
 MAX_SPEC_PATH_BYTES: Final = 1024
-# Control characters (a newline would split a line of every report that names the file) and the ones that
-# reorder text as it is shown (so a path could read as another in a terminal or the dashboard).
-UNSHOWABLE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Control characters and line or paragraph separators (a newline would split a line of every report that
+# names the file), and the marks that reorder text as it is shown (so a path could read as another).
+UNSHOWABLE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 WORKER_LOG_TIMES: Final = ("rsync_finished_at", "setup_finished_at", "rspec_finished_at", "finished_at")
 
 

@@ -149,6 +149,10 @@ class Coordinator:
             except CoordinatorError as exc:
                 log.warning("finished_taskset_not_recovered", taskset_id=taskset_id, error=str(exc))
                 continue
+            except Exception:
+                # A bug loading one must not leave the others unrecovered.
+                log.exception("finished_taskset_not_recovered", taskset_id=taskset_id)
+                continue
             if owner is None:
                 continue
             for slave in owner.model.unfinished_slaves():

@@ -128,6 +128,9 @@ class Workers:
                     self.coordinator.spawn(self._tell_finished(worker, taskset_id), f"finished-{worker.name}")
                     return
                 entry = self.tasksets[taskset_id] = _Taskset(owner.model.worker_type, owner.model.max_workers)
+            if worker.name not in entry.assigned and len(entry.assigned) >= entry.max_workers:
+                # It runs it, and stopping it would end its running files as errors: counted, and said.
+                log.warning("max_workers_exceeded", worker=worker.name, taskset_id=taskset_id)
             entry.assigned.add(worker.name)
         worker.taskset_id = taskset_id
 

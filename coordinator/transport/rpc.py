@@ -40,14 +40,17 @@ class Tokens:
 
     def roles_for(self, presented: str | None) -> frozenset[Role]:
         roles: set[Role] = set()
-        # Bytes of a header that are not UTF-8 come as lone surrogates: encoded as they are, they match no token.
+        # Bytes that are not UTF-8 (in a header, or in a token set from the environment) come as lone surrogates:
+        # both sides are encoded keeping them, so such a token matches only itself and nothing raises.
         given = None if presented is None else presented.encode(errors="surrogatepass")
         for token, grants in (
             (self.viewer, {Role.VIEWER}),
             (self.client, {Role.CLIENT, Role.VIEWER}),
             (self.worker, {Role.WORKER, Role.VIEWER}),
         ):
-            if token is None or (given is not None and hmac.compare_digest(token.encode(), given)):
+            if token is None or (
+                given is not None and hmac.compare_digest(token.encode(errors="surrogatepass"), given)
+            ):
                 roles |= grants
         return frozenset(roles)
 
@@ -258,20 +261,22 @@ async def rpc_view(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": f"the body exceeds {limit} bytes"}, status=413)
     received = bytearray()
     timeout_s = dispatcher.coordinator.settings.request_timeout_s
+    loop = asyncio.get_running_loop()
     try:
-        # A body is a single call or batch: it has the request timeout to arrive whole.
-        async with asyncio.timeout(timeout_s):
+        # A body may take as long as it needs, but its bytes must not stop coming for the request timeout.
+        async with asyncio.timeout(timeout_s) as stalled:
             # `read(n)` returns what has arrived, up to n bytes: read on to the end (or just past the limit).
             while len(received) <= limit:
                 chunk = await request.content.read(limit + 1 - len(received))
                 if not chunk:
                     break
                 received += chunk
+                stalled.reschedule(loop.time() + timeout_s)
     except (web.RequestPayloadError, aiohttp.ClientPayloadError):
         # Its framing or content encoding is broken (a body said to be gzip that is not, say).
         return web.json_response({"error": "the body could not be read"}, status=400)
     except TimeoutError:
-        return await too_slow(request, f"the body did not arrive within {timeout_s:g} s")
+        return await too_slow(request, f"the body's bytes stopped coming for {timeout_s:g} s")
     body = bytes(received)
     if len(body) > limit:
         return web.json_response({"error": f"the body exceeds {limit} bytes"}, status=413)

@@ -377,6 +377,16 @@ def test_serve_closes_connections_whose_requests_stall() -> None:
                     _closed_within(idle, 8)
                     assert websocket.result(timeout=30) == []
                 assert not list((data_dir / "bundles").glob("*.part")), "a stalled upload left its part file"
+                # A body that keeps coming, slowly, has all the time it needs: 2 s here, twice the timeout.
+                slow = connect()
+                call = b'{"jsonrpc": "2.0", "id": 7, "method": "active_tasksets", "params": []}'
+                slow.sendall(b"POST /rpc HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+                slow.sendall(f"Content-Length: {len(call)}\r\nConnection: close\r\n\r\n".encode())
+                for i in range(0, len(call), 9):
+                    slow.sendall(call[i : i + 9])
+                    time.sleep(0.25)
+                head = _reply_head(slow)
+                assert head.startswith(b"HTTP/1.1 200 "), head
                 assert rpc(url, "active_tasksets") == {"jsonrpc": "2.0", "id": 1, "result": []}
         finally:
             assert stop(proc) == 0

@@ -209,6 +209,8 @@ def test_create_trial_is_idempotent_per_slave() -> None:
         (["a\x85b.py"], [(2, 1)], False),
         (["evil\u202eyp.py"], [(2, 1)], False),  # shown as "evilpy.py" read backwards
         (["a\u2066b.py"], [(2, 1)], False),
+        (["a\u2028b.py"], [(2, 1)], False),  # a line separator splits lines as a newline does
+        (["a\u2029b.py"], [(2, 1)], False),
         (["t\u00e9st_\u65e5\u672c.py", "emoji_\U0001f600.py", "a b.py"], [(2, 1)] * 3, True),
     ],
 )
