@@ -135,9 +135,10 @@ class Coordinator:
         self.spawn(self._trim_history(), "trim-history")
 
     async def _recover_finished(self) -> None:
-        """Finished tasksets whose slaves were not all ended when the last coordinator stopped: each such slave
-        gets the grace period too, so that a trial it had open ends (with its result if it comes back, as
-        `error` if not) instead of staying open for good. In the background: nothing waits on these."""
+        """Finished tasksets whose slaves were not all ended when the last coordinator stopped: with a trial still
+        open, each such slave gets the grace period too, so that its trial ends (with its result if it comes
+        back, as `error` if not) instead of staying open for good; with none, they are marked lost at once.
+        In the background: nothing waits on these."""
         try:
             taskset_ids = await self.store.finished_taskset_ids_with_unfinished_slaves()
         except CoordinatorError as exc:
@@ -145,6 +146,11 @@ class Coordinator:
             return
         for taskset_id in taskset_ids:
             try:
+                if taskset_id not in self.owners and not await self.store.taskset_has_open_trial(taskset_id):
+                    # Nothing left open: its slaves are gone, said so without loading the whole taskset (a
+                    # database from before this check may hold many such), and not looked at again.
+                    await self.store.end_unfinished_slaves(taskset_id)
+                    continue
                 owner = await self.owner(taskset_id)
             except CoordinatorError as exc:
                 log.warning("finished_taskset_not_recovered", taskset_id=taskset_id, error=str(exc))

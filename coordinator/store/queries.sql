@@ -89,6 +89,14 @@ FROM slaves s JOIN tasksets t ON t.id = s.taskset_id
 WHERE s.status IS NULL AND t.status NOT IN ('rsync_waiting', 'waiting', 'running')
 ORDER BY s.taskset_id;
 
+-- name: taskset_has_open_trial
+-- Whether a trial of the taskset is still open.
+SELECT EXISTS (SELECT 1 FROM tasks t JOIN trials x ON x.task_id = t.id WHERE t.taskset_id = $1 AND x.status IS NULL);
+
+-- name: end_unfinished_slaves
+-- A finished taskset with no trial open: its slaves that never said how they ended are gone (as lost).
+UPDATE slaves SET status = 'failure_exit' WHERE taskset_id = $1 AND status IS NULL;
+
 -- name: active_taskset_ids_of_rsync_name
 -- The unfinished tasksets of one rsync_name.
 SELECT id FROM tasksets WHERE rsync_name = $1 AND status IN ('rsync_waiting', 'waiting', 'running') ORDER BY id;

@@ -52,6 +52,7 @@ _AFTER_TRIALS: Final = (
     "set_worker_log_finished_at",
     "set_slave_status",
     "set_taskset_status",
+    "end_unfinished_slaves",
 )
 _KINDS: Final = frozenset((*_TRIAL_WRITES, *_BEFORE_TRIALS, *_AFTER_TRIALS))
 # Errors after which the same statements may simply be tried again on a fresh connection.
@@ -407,6 +408,13 @@ class Store:
 
     async def finished_taskset_ids_with_unfinished_slaves(self) -> list[int]:
         return [int(r["id"]) for r in await self._fetch("finished_taskset_ids_with_unfinished_slaves")]
+
+    async def taskset_has_open_trial(self, taskset_id: int) -> bool:
+        return bool(await self._fetchval("taskset_has_open_trial", taskset_id))
+
+    async def end_unfinished_slaves(self, taskset_id: int) -> None:
+        """Mark a finished taskset's slaves without a final status as lost (only with no trial of it open)."""
+        await self.commit([Write("end_unfinished_slaves", (taskset_id,))])
 
     async def task_counts(self, taskset_id: int) -> dict[str, int]:
         row = await self._fetchrow("task_counts", taskset_id)

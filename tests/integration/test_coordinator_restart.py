@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.runtime.coordinator import RuntimeSettings
+from coordinator.transport import keys
 from tests.integration.coord import new_taskset, running_coordinator, task
 
 
@@ -103,3 +104,30 @@ async def test_a_restart_leaves_no_trial_of_a_finished_taskset_open(database_url
         assert by_trial == {t1[1]: "passed", t2[1]: "error"}
         assert by_slave == {"s1": None, "s2": "failure_exit"}
         assert await h.call("query_taskset_status", ref) == "cancelled"
+
+
+async def test_a_restart_ends_the_silent_slaves_of_a_finished_taskset_with_nothing_open(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A slave that never said how it ended, in a taskset finished with no trial open: marked lost at the
+    start without loading the taskset, so no later start looks at it again."""
+    async with running_coordinator(database_url, tmp_path) as h, h.client() as c:
+        ref = await new_taskset(h, [task("a.py")], max_trials=1)
+        await c.call("create_slave", "quiet", ref)
+        slave = await c.call("create_slave", "done", ref)
+        item = await c.call("dequeue_task", ref)
+        trial = await c.call("create_trial", item[0], slave)
+        await c.call("finish_trial", trial, "passed", "", "", 1, 0, 0)
+        await c.call("finish_slave", slave, "normal_exit")
+        assert await h.call("query_taskset_status", ref) == "succeeded"
+    async with running_coordinator(database_url, tmp_path) as h:
+        by_slave: dict[str, Any] = {}
+        for _ in range(100):
+            _, body = await h.get(f"/api/v1/tasksets/{ref[1]}/slaves")
+            by_slave = {s["name"]: s["status"] for s in body["slaves"]}
+            if by_slave["quiet"] is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert by_slave == {"quiet": "failure_exit", "done": "normal_exit"}
+        store = h.server.app[keys.COORDINATOR].store
+        assert ref[1] not in await store.finished_taskset_ids_with_unfinished_slaves()
