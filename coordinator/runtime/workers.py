@@ -81,6 +81,7 @@ class Workers:
                     log.warning("worker_silent", worker=worker.name, silent_s=silent_s)
                     self._drop(worker)
                     worker.conn.close(1008, f"no current_taskset for {silent_s} s")
+            self.rebalance()
 
     # -- registration ------------------------------------------------------------
 
@@ -103,15 +104,20 @@ class Workers:
             conn.worker_name = name
             log.info("worker_registered", worker=name, worker_type=worker_type, taskset_id=taskset_id)
         worker.last_seen = now
+        # Only a heartbeat that changes something can open a push: most change nothing, and a fleet's
+        # heartbeats would otherwise each walk every worker (the sweep also rebalances, once a round).
+        changed = worker.worker_type != worker_type or worker.refused or not worker.queried
         worker.worker_type = worker_type
         worker.refused = False
         if worker.assigning is not None:
             return  # its answer to our push is still coming; this heartbeat predates it
+        changed = changed or worker.taskset_id != taskset_id
         self._set_taskset(worker, taskset_id)
         if not worker.queried:
             worker.queried = worker.querying = True
             self.coordinator.spawn(self._query(worker), f"query-taskset-{name}")
-        self.rebalance()
+        if changed:
+            self.rebalance()
 
     def _set_taskset(self, worker: Worker, taskset_id: int | None) -> None:
         if worker.taskset_id == taskset_id:
@@ -213,6 +219,8 @@ class Workers:
 
     def rebalance(self) -> None:
         """Push tasksets to free workers, oldest taskset first, up to each one's max_workers."""
+        if not any(len(t.assigned) < t.max_workers for t in self.tasksets.values()):
+            return  # no place to fill: the workers need not be looked at
         free = {
             w.name: w.worker_type
             for w in self.by_name.values()
