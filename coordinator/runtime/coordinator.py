@@ -126,8 +126,7 @@ class Coordinator:
             owner = await self.owner(taskset_id)
             if owner is None:
                 continue
-            for slave in owner.model.unfinished_slaves():
-                self._start_grace(owner.id, slave.id)
+            self._await_unfinished_slaves(owner)
             self.workers.taskset_opened(owner.model)
         self.workers.start()
         self.spawn(self._recover_finished(), "recover-finished-tasksets")
@@ -159,11 +158,15 @@ class Coordinator:
                 # A bug loading one must not leave the others unrecovered.
                 log.exception("finished_taskset_not_recovered", taskset_id=taskset_id)
                 continue
-            if owner is None:
-                continue
-            for slave in owner.model.unfinished_slaves():
-                if slave.id not in self._grace and not self._bound(slave.id):
-                    self._start_grace(owner.id, slave.id)
+            if owner is not None:
+                self._await_unfinished_slaves(owner)
+
+    def _await_unfinished_slaves(self, owner: Owner) -> None:
+        """After a restart: each slave of the taskset without a final status must re-bind within the grace
+        period (one already bound again, or already waited for, is left as it is)."""
+        for slave in owner.model.unfinished_slaves():
+            if slave.id not in self._grace and not self._bound(slave.id):
+                self._start_grace(owner.id, slave.id)
 
     async def close(self) -> None:
         await self.workers.stop()

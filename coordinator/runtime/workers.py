@@ -226,7 +226,7 @@ class Workers:
             for w in self.by_name.values()
             if w.taskset_id is None and w.assigning is None and not w.refused and not w.querying and not w.conn.closed
         }
-        if not free or not self.tasksets:
+        if not free:
             return
         openings = [Opening(tid, t.worker_type, t.max_workers, len(t.assigned)) for tid, t in self.tasksets.items()]
         for assignment in plan_assignments(free, openings):
