@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from coordinator.transport import keys
-from coordinator.transport.rpc import Tokens, presented_token, too_slow
+from coordinator.transport.rpc import Tokens, body_bytes, presented_token, too_slow
 from protocol.messages import Role, rsync_name_stem
 
 log = structlog.get_logger("testfleet.bundles")
@@ -148,22 +148,17 @@ async def put_bundle(request: web.Request) -> web.StreamResponse:
     size = 0
     fd, tmp_name = tempfile.mkstemp(dir=bundles.directory, prefix=f".{rsync_name_stem(name)}.", suffix=".part")
     tmp = Path(tmp_name)
-    # An upload may take as long as it needs, but its bytes must not stop coming for the request timeout.
     timeout_s = request.app[keys.COORDINATOR].settings.request_timeout_s
-    loop = asyncio.get_running_loop()
     try:
         with os.fdopen(fd, "wb") as out:
-            async with asyncio.timeout(timeout_s) as stalled:
-                async for chunk in request.content.iter_chunked(CHUNK):
-                    size += len(chunk)
-                    if size > bundles.max_bytes:
-                        return web.json_response(
-                            {"error": f"a bundle may have at most {bundles.max_bytes} bytes"}, status=413
-                        )
-                    digest.update(chunk)
-                    stalled.reschedule(None)  # the disk's time is not the peer's
-                    await asyncio.to_thread(out.write, chunk)
-                    stalled.reschedule(loop.time() + timeout_s)
+            while chunk := await body_bytes(request, CHUNK, timeout_s):
+                size += len(chunk)
+                if size > bundles.max_bytes:
+                    return web.json_response(
+                        {"error": f"a bundle may have at most {bundles.max_bytes} bytes"}, status=413
+                    )
+                digest.update(chunk)
+                await asyncio.to_thread(out.write, chunk)
             if size == 0:
                 return web.json_response({"error": "the bundle is empty"}, status=400)
             # On disk before it is named current: after a crash the name never points at a file cut short.

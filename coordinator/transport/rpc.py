@@ -228,6 +228,12 @@ class Dispatcher:
         return self.coordinator.handlers[spec.name], params
 
 
+async def body_bytes(request: web.Request, most: int, timeout_s: float) -> bytes:
+    """Up to `most` bytes of the request's body, as soon as some have come (`b""` at its end); `TimeoutError`
+    when none come for `timeout_s`. A body may take as long as it needs, but its bytes must not stop coming."""
+    return await asyncio.wait_for(request.content.read(most), timeout_s)
+
+
 async def too_slow(request: web.Request, message: str) -> web.StreamResponse:
     """408 for a request whose bytes stopped coming, and the connection closed once it is written (rather than
     kept open a while to read the rest, which is not coming)."""
@@ -261,17 +267,13 @@ async def rpc_view(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": f"the body exceeds {limit} bytes"}, status=413)
     received = bytearray()
     timeout_s = dispatcher.coordinator.settings.request_timeout_s
-    loop = asyncio.get_running_loop()
     try:
-        # A body may take as long as it needs, but its bytes must not stop coming for the request timeout.
-        async with asyncio.timeout(timeout_s) as stalled:
-            # `read(n)` returns what has arrived, up to n bytes: read on to the end (or just past the limit).
-            while len(received) <= limit:
-                chunk = await request.content.read(limit + 1 - len(received))
-                if not chunk:
-                    break
-                received += chunk
-                stalled.reschedule(loop.time() + timeout_s)
+        # Read on to the end (or just past the limit).
+        while len(received) <= limit:
+            chunk = await body_bytes(request, limit + 1 - len(received), timeout_s)
+            if not chunk:
+                break
+            received += chunk
     except (web.RequestPayloadError, aiohttp.ClientPayloadError):
         # Its framing or content encoding is broken (a body said to be gzip that is not, say).
         return web.json_response({"error": "the body could not be read"}, status=400)
